@@ -1,0 +1,1 @@
+"""genderscore producer: scan pictures, enqueue runs, follow them, collect CSVs (no TensorFlow)."""

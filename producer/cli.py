@@ -1,0 +1,215 @@
+"""The ``genderscore`` command: one click group, one verb per job.
+
+Scoring verbs (score, collect, status, reconcile) import neither TensorFlow nor the
+training package, except ``score --local``, which scores in-process. The training
+verbs (train, evaluate) import ``training`` when they run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from worker.settings import SettingsError
+
+log = logging.getLogger("genderscore")
+
+
+def _settings() -> Any:
+    try:
+        from worker.settings import settings
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    return settings
+
+
+def redact(url: str) -> str:
+    """A Redis URL with its password hidden."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _redis() -> redis.Redis:
+    from worker.results import connect
+
+    settings = _settings()
+    client = connect()
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise click.ClickException(
+            f"cannot reach Redis at {redact(settings.redis_url)} ({exc}); start redis-server "
+            "or set GENDERSCORE_REDIS_URL"
+        ) from None
+    return client
+
+
+def _report_skipped(skipped: list[tuple[str, str]]) -> None:
+    if not skipped:
+        return
+    click.echo(f"skipped {len(skipped)} files:", err=True)
+    for name, reason in skipped[:50]:
+        click.echo(f"  {name!a}: {reason}", err=True)
+    if len(skipped) > 50:
+        click.echo(f"  ... and {len(skipped) - 50} more", err=True)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """genderscore: predict gender from profile pictures with a Keras CNN."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("absl", "tensorflow", "h5py", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command()
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), help="Model .h5 (GENDERSCORE_MODEL).")
+@click.option("--run-id", help="Run id (default: a new one); reusing one extends that run.")
+@click.option("--wait", is_flag=True, help="Follow the run with a progress bar, then collect.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write.")
+@click.option("--local", is_flag=True, help="Score in this process, without Redis or workers.")
+@click.option("--only-new", is_flag=True, help="Skip pictures this model already scored, unchanged.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+def score(images_dir: Path, model: Path | None, run_id: str | None, wait: bool, out: Path | None,
+          local: bool, only_new: bool, timeout: float | None) -> None:
+    """Score every <userid>.jpg of IMAGES_DIR; prints the run id."""
+    from producer.scan import scan_pictures
+
+    settings = _settings()
+    model_path = model or settings.model
+    scan = scan_pictures(images_dir)
+    _report_skipped(scan.skipped)
+    if local:
+        from producer.collect import write_outputs
+        from producer.local import score_local
+
+        data = score_local(model_path, images_dir, scan.userids)
+        target = out or Path("out") / "local.csv"
+        written = write_outputs(data, target)
+        click.echo(f"scored {written.scored}, errors {written.errors}: {written.csv_path}", err=True)
+        click.echo(str(written.csv_path))
+        return
+    from producer.enqueue import enqueue_run
+    from producer.newness import only_new_userids
+    from worker.celery import app
+    from worker.model import ModelError, check_h5_config, read_metadata, verify_model_file
+
+    try:
+        sha = verify_model_file(model_path, read_metadata(model_path))
+        check_h5_config(model_path)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    client = _redis()
+    userids = scan.userids
+    if only_new:
+        userids, unchanged = only_new_userids(client, sha, images_dir, userids)
+        click.echo(f"--only-new: {unchanged} pictures already scored by this model, skipped",
+                   err=True)
+    result = enqueue_run(app, client, images_dir, model_path, sha, userids, run_id)
+    click.echo(
+        f"run {result.run_id}: {result.published} tasks enqueued"
+        + (f", {result.already_in_run} already in the run" if result.already_in_run else ""),
+        err=True,
+    )
+    click.echo(result.run_id)
+    if wait:
+        _wait_and_collect(client, result.run_id, out, timeout)
+
+
+def _wait_and_collect(client: redis.Redis, run_id: str, out: Path | None,
+                      timeout: float | None) -> None:
+    from producer.collect import IncompleteRun, collect
+    from producer.follow import wait_for_run
+
+    try:
+        wait_for_run(client, run_id, timeout=timeout)
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    target = out or Path("out") / f"{run_id}.csv"
+    try:
+        written = collect(client, run_id, target)
+    except IncompleteRun as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"scored {written.scored}, errors {written.errors}: {written.csv_path}", err=True)
+
+
+@main.command(name="collect")
+@click.argument("run_id")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--profiles", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Course profile.csv to fill in (keeps all its rows and columns).")
+@click.option("--partial", is_flag=True, help="Write what there is even if the run is incomplete.")
+def collect_cmd(run_id: str, out: Path, profiles: Path | None, partial: bool) -> None:
+    """Write the user-profile CSV of RUN_ID (and <name>.errors.csv beside it)."""
+    from producer.collect import IncompleteRun, collect
+    from producer.profiles import LabelsError
+
+    client = _redis()
+    try:
+        written = collect(client, run_id, out, profiles=profiles, partial=partial)
+    except (IncompleteRun, KeyError, LabelsError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from None
+    click.echo(
+        f"scored {written.scored}, errors {written.errors}"
+        + (f", missing {written.missing}" if written.missing else "")
+        + f": {written.csv_path} ({written.errors_path.name})",
+        err=True,
+    )
+    click.echo(str(written.csv_path))
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("--limit", default=10, show_default=True, help="Runs to show.")
+def status(run_id: str | None, limit: int) -> None:
+    """Runs (total / done / errors / pending), queues, workers and training tasks."""
+    from producer.status import render_status
+
+    click.echo(render_status(_redis(), run_id, limit))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Picture folder, when Redis lost the run's metadata.")
+@click.option("--model", type=click.Path(path_type=Path), help="Model, when Redis lost it.")
+def reconcile(run_id: str, images: Path | None, model: Path | None) -> None:
+    """Re-enqueue every userid of RUN_ID with neither a prediction nor an error."""
+    from producer.reconcile import ReconcileError, reconcile_run
+    from worker.celery import app
+
+    try:
+        count = reconcile_run(app, _redis(), run_id, images, model)
+    except ReconcileError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"run {run_id}: {count} userids re-enqueued", err=True)
+    click.echo(str(count))
+
+
+def _register_training() -> None:
+    try:
+        from training.cli import evaluate, train
+    except ImportError:  # TODO(lead): remove once training.cli lands
+        return
+
+    main.add_command(train)
+    main.add_command(evaluate)
+
+
+_register_training()

@@ -1,0 +1,64 @@
+"""Following a run: a live progress line until every userid is settled."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+import redis
+
+from worker.results import RunCounts, run_counts
+
+
+def format_progress(counts: RunCounts, rate: float) -> str:
+    """``done 120 | errors 3 | pending 377 / 500 | 85.2 img/s | ETA 0:04``."""
+    settled = counts.done + counts.errors
+    total = max(counts.total, counts.enqueued)
+    eta = "--:--"
+    if rate > 0 and total > settled:
+        seconds = int((total - settled) / rate)
+        eta = f"{seconds // 60}:{seconds % 60:02d}"
+    width = 24
+    filled = int(width * settled / total) if total else width
+    bar = "#" * filled + "." * (width - filled)
+    return (
+        f"[{bar}] {settled}/{total}  done {counts.done}  errors {counts.errors}  "
+        f"pending {counts.pending}  {rate:.1f} img/s  ETA {eta}"
+    )
+
+
+def wait_for_run(
+    client: redis.Redis,
+    run_id: str,
+    timeout: float | None = None,
+    interval: float = 0.5,
+    stream: TextIO | None = None,
+) -> RunCounts:
+    """Poll a run until it finishes (or ``timeout``), drawing a progress line on a TTY."""
+    out = stream or sys.stderr
+    live = out.isatty()
+    start = time.monotonic()
+    first = run_counts(client, run_id)
+    base = first.done + first.errors
+    last_print = 0.0
+    while True:
+        counts = run_counts(client, run_id)
+        elapsed = time.monotonic() - start
+        rate = (counts.done + counts.errors - base) / elapsed if elapsed > 0 else 0.0
+        line = format_progress(counts, rate)
+        if live:
+            out.write("\r" + line + "\x1b[K")
+            out.flush()
+        elif elapsed - last_print >= 10 or counts.finished:
+            out.write(line + "\n")
+            last_print = elapsed
+        if counts.finished:
+            if live:
+                out.write("\n")
+            return counts
+        if timeout is not None and elapsed > timeout:
+            if live:
+                out.write("\n")
+            raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s: {line}")
+        time.sleep(interval)

@@ -1,0 +1,73 @@
+"""``genderscore score --local``: the worker's scoring in one process, no broker.
+
+Decoding runs in a thread pool (Pillow releases the GIL) one chunk ahead of the
+forward pass, which uses every core; the scoring code is the worker's own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from producer.collect import RunData
+from worker.results import Prediction
+from worker.settings import cpu_count, settings
+
+CHUNK = 512
+
+
+def score_local(
+    model_path: Path,
+    images_dir: Path,
+    userids: Sequence[str],
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> RunData:
+    """Score every userid's picture in this process; return it as a run's data."""
+    from worker.ids import picture_path
+    from worker.model import load_bundle
+    from worker.scoring import Failed, prepare, predict_raw, to_outcome
+
+    bundle = load_bundle(model_path, tf_threads=cpu_count())
+    size = batch_size or settings.batch_size
+    items = [(u, picture_path(images_dir, u)) for u in userids]
+    predictions: dict[str, Prediction] = {}
+    errors: dict[str, str] = {}
+    started = time.time()
+    import numpy as np
+
+    with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
+
+        def submit(start: int) -> list[Future[Any]]:
+            return [pool.submit(prepare, bundle, item) for item in items[start : start + CHUNK]]
+
+        pending = submit(0)
+        for start in range(0, len(items), CHUNK):
+            prepared = [f.result() for f in pending]
+            pending = submit(start + CHUNK)  # decode the next chunk during inference
+            ready = []
+            for (userid, _), entry in zip(items[start : start + CHUNK], prepared, strict=True):
+                if isinstance(entry, Failed):
+                    errors[userid] = entry.reason
+                else:
+                    ready.append((userid, entry))
+            if ready:
+                raw = predict_raw(bundle, np.stack([e[0] for _, e in ready]), size)
+                now = time.time()
+                for (userid, (_, digest)), value in zip(ready, raw, strict=True):
+                    outcome = to_outcome(bundle, userid, float(value), digest)
+                    if isinstance(outcome, Failed):
+                        errors[userid] = outcome.reason
+                    else:
+                        predictions[userid] = Prediction(outcome.p_female, outcome.gender, now)
+            if progress:
+                progress(len(prepared))
+    meta = {
+        "model": str(model_path), "model_sha": bundle.sha256, "images_dir": str(images_dir),
+        "started_at": f"{started:.3f}", "finished_at": f"{time.time():.3f}",
+        "total": str(len(items)),
+    }
+    return RunData("local", meta, predictions, errors)

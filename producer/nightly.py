@@ -1,0 +1,1 @@
+"""Nightly scoring of new profiles (Celery beat) -- placeholder until issue 6."""

@@ -1,0 +1,1 @@
+"""genderscore tests: unit/ (pure logic), integration/ (real Redis, real workers), faults/."""

@@ -1,0 +1,141 @@
+"""Test helpers: generated pictures with a learnable signal, tiny models, a real worker."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def userid(n: int) -> str:
+    """A course-like userid: 32 hex characters."""
+    return f"{n:032x}"
+
+
+def picture(gender: str, size: tuple[int, int] = (64, 64), seed: int = 0) -> Image.Image:
+    """A noisy picture whose class shows: female = warm square, male = cool disc."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    array = rng.integers(60, 140, size=(h, w, 3)).astype(np.int16)
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = h / 2 + rng.uniform(-h / 10, h / 10), w / 2 + rng.uniform(-w / 10, w / 10)
+    r = min(w, h) * rng.uniform(0.22, 0.32)
+    if gender == "female":
+        mask = (abs(yy - cy) < r) & (abs(xx - cx) < r)
+        array[mask] = array[mask] // 3 + np.array([170, 60, 40])
+    else:
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        array[mask] = array[mask] // 3 + np.array([40, 80, 170])
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "RGB")
+
+
+def jpeg_bytes(image: Image.Image, **options: Any) -> bytes:
+    """Encode as JPEG."""
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def make_pictures(folder: Path, count: int, start: int = 0, size: tuple[int, int] = (64, 64),
+                  female_share: float = 0.6) -> dict[str, str]:
+    """Write ``count`` labelled pictures ``<userid>.jpg``; return userid -> gender."""
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = {}
+    for n in range(start, start + count):
+        gender = "female" if (n * 7919 % 100) < female_share * 100 else "male"
+        uid = userid(n)
+        (folder / f"{uid}.jpg").write_bytes(jpeg_bytes(picture(gender, size, seed=n)))
+        labels[uid] = gender
+    return labels
+
+
+def write_profiles(path: Path, labels: dict[str, str]) -> None:
+    """A course-format profile.csv (unnamed index column, gender 1.0 = female)."""
+    lines = [",userid,age,gender,ope,con,ext,agr,neu"]
+    for i, (uid, gender) in enumerate(sorted(labels.items())):
+        code = "1.0" if gender == "female" else "0.0"
+        lines.append(f"{i},{uid},23.0,{code},3.9,3.4,3.5,3.6,2.7")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_model_file(path: Path, image_size: int = 32, seed: int = 0,
+                    positive_class: str = "female") -> Path:
+    """A small untrained genderscore CNN saved with metadata (random but fixed weights)."""
+    from training.network import make_model
+    from worker.model import save_model
+
+    model = make_model(image_size=image_size, kernel_size=3, seed=seed)
+    save_model(model, path, {"positive_class": positive_class, "threshold": 0.5,
+                             "preprocessing": "rgb-exif-bilinear-div255-v1"})
+    return path
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker subprocess: this test session's settings."""
+    env = {k: v for k, v in os.environ.items()}
+    env.update(extra or {})
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@contextmanager
+def celery_worker(queues: str = "score", concurrency: int = 2, extra_env: dict[str, str] | None = None,
+                  log_path: Path | None = None, name: str = "w1",
+                  extra_args: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``celery -A worker worker`` as a real subprocess until the block ends."""
+    env = worker_env(extra_env)
+    log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", queues,
+           "-c", str(concurrency), "--loglevel=INFO", "-n", f"{name}-{os.getpid()}@%h",
+           "--without-gossip", "--without-mingle", *extra_args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_ready(proc, log_path)
+        yield proc
+    finally:
+        stop_process(proc)
+        if log_path:
+            log_file.close()  # type: ignore[union-attr]
+
+
+def wait_ready(proc: subprocess.Popen[bytes], log_path: Path | None, timeout: float = 60) -> None:
+    """Wait until the worker logs 'ready' (or fail with its log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            text = log_path.read_text(errors="replace") if log_path else ""
+            raise RuntimeError(f"worker exited with {proc.returncode}:\n{text[-3000:]}")
+        if log_path and " ready." in log_path.read_text(errors="replace"):
+            return
+        if not log_path:
+            time.sleep(5)
+            return
+        time.sleep(0.2)
+    raise RuntimeError("worker not ready in time")
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """Stop a process group: ``sig`` first, SIGKILL if it lingers."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

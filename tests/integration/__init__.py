@@ -1,0 +1,1 @@
+"""Integration tests: a real Redis and real Celery worker processes."""

@@ -1,0 +1,1 @@
+"""genderscore training: the origin's CNN trained on the user's labelled pictures."""

@@ -1,0 +1,1 @@
+"""Training task (being written)."""

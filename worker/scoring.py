@@ -1,0 +1,112 @@
+"""Batched scoring: pictures -> outcomes, shared by the Celery worker and ``--local``.
+
+Outcomes stay aligned with their userids by construction (each carries its userid);
+the forward pass runs on whole batches with ``predict_on_batch``, never one
+``model.predict`` per picture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from worker.model import ModelBundle
+from worker.preprocess import PictureError, load_picture, preprocess
+
+T = TypeVar("T")
+R = TypeVar("R")
+Mapper = Callable[[Callable[[T], R], Iterable[T]], Iterable[R]]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A picture scored by the model."""
+
+    userid: str
+    p_female: float
+    gender: str  # "female" or "male", by the model's own threshold
+    digest: str = ""  # content hash of the picture (nightly --only-new)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A picture that could not be scored, with a reason."""
+
+    userid: str
+    kind: str
+    message: str
+
+    @property
+    def reason(self) -> str:
+        """``kind: message``, as written to the errors CSV."""
+        return f"{self.kind}: {self.message}"
+
+
+Outcome = Scored | Failed
+
+
+def predict_raw(bundle: ModelBundle, batch: NDArray[np.float32], batch_size: int) -> NDArray[np.float64]:
+    """Sigmoid outputs for a stack of preprocessed pictures, ``batch_size`` at a time."""
+    outputs = []
+    for start in range(0, len(batch), batch_size):
+        chunk = batch[start : start + batch_size]
+        outputs.append(np.asarray(bundle.model.predict_on_batch(chunk), dtype=np.float64).reshape(-1))
+    return np.concatenate(outputs) if outputs else np.zeros(0)
+
+
+def to_outcome(bundle: ModelBundle, userid: str, raw: float, digest: str = "") -> Outcome:
+    """A raw sigmoid output read through the model's label mapping."""
+    if not np.isfinite(raw):
+        return Failed(userid, "model_output", f"the model returned {raw}")
+    positive = bundle.positive_class
+    negative = "male" if positive == "female" else "female"
+    p_female = raw if positive == "female" else 1.0 - raw
+    gender = positive if raw >= bundle.threshold else negative
+    return Scored(userid, round(float(p_female), 6), gender, digest)
+
+
+def content_digest(data: bytes) -> str:
+    """Short content hash of a picture: tells a changed picture from a scored one."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def prepare(
+    bundle: ModelBundle, item: tuple[str, Path]
+) -> tuple[NDArray[np.float32], str] | Failed:
+    userid, path = item
+    try:
+        data = load_picture(path)
+        return preprocess(data, bundle.size_wh), content_digest(data)
+    except PictureError as exc:
+        return Failed(userid, exc.kind, exc.message)
+
+
+def score_pictures(
+    bundle: ModelBundle,
+    items: Sequence[tuple[str, Path]],
+    batch_size: int,
+    mapper: Mapper[tuple[str, Path], tuple[NDArray[np.float32], str] | Failed] = map,
+) -> list[Outcome]:
+    """Score ``(userid, path)`` pairs; the result has one outcome per item, in order.
+
+    ``mapper`` decodes the pictures (``map`` in a worker process, a thread pool's
+    ``map`` for ``--local``).
+    """
+    prepared = list(mapper(lambda item: prepare(bundle, item), items))
+    outcomes: list[Outcome] = []
+    ready: list[tuple[int, NDArray[np.float32], str]] = []
+    for index, entry in enumerate(prepared):
+        outcomes.append(entry if isinstance(entry, Failed) else Failed(items[index][0], "", ""))
+        if not isinstance(entry, Failed):
+            ready.append((index, entry[0], entry[1]))
+    if ready:
+        raw = predict_raw(bundle, np.stack([array for _, array, _ in ready]), batch_size)
+        for (index, _, digest), value in zip(ready, raw, strict=True):
+            outcomes[index] = to_outcome(bundle, items[index][0], float(value), digest)
+    return outcomes

@@ -1,0 +1,109 @@
+"""All runtime settings, read once from the environment (prefix ``GENDERSCORE_``).
+
+Every component imports the one ``settings`` object from here; nothing else reads
+the environment. The defaults are the ones measured best on a 2-core machine
+(see README, Performance); each says why next to it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(RuntimeError):
+    """The environment holds an invalid setting; the message says which and why."""
+
+
+class Settings(BaseSettings):
+    """genderscore settings; each field is ``GENDERSCORE_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="GENDERSCORE_", extra="ignore")
+
+    # --- Redis and Celery -------------------------------------------------
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description="Redis for predictions and (by default) the broker; "
+        "redis://user:password@host:port/db, rediss:// for TLS.",
+    )
+    broker_url: str | None = Field(None, description="Celery broker, if not redis_url.")
+    key_prefix: str = Field(
+        "genderscore", pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="Every Redis key of the project (queues included) starts with '<prefix>:'.",
+    )
+    # A batch takes well under a second; a SIGKILLed worker's reserved messages come
+    # back after this many seconds, so it is short for scoring. Training has its own.
+    visibility_timeout: int = Field(900, ge=10)
+    score_time_limit: int = Field(300, ge=1, description="Hard limit for one batch (s).")
+    training_visibility_timeout: int = Field(7 * 24 * 3600, ge=60)
+    training_time_limit: int = Field(3 * 24 * 3600, ge=60)
+    max_deliveries: int = Field(
+        3, ge=1, description="A picture whose worker died this many times becomes an error."
+    )
+    result_ttl_days: int = Field(30, ge=1, description="How long a run's keys live in Redis.")
+
+    # --- Scoring ------------------------------------------------------------
+    model: Path = Field(Path("models/gender.h5"), description="Keras .h5 model for scoring.")
+    allow_unverified_model: bool = Field(
+        False, description="Load a model with no metadata or a sha256 mismatch."
+    )
+    batch_size: int = Field(64, ge=1, le=4096, description="Pictures per forward pass.")
+    # The tail of a run waits at most this long for a partial batch.
+    flush_interval: float = Field(0.5, gt=0)
+    # celery-batches needs prefetch x concurrency > batch_size, or a batch never fills:
+    # 3 batches per process keeps one scoring, one filling and one queued.
+    prefetch_batches: int = Field(3, ge=2)
+    tf_threads: int = Field(
+        0, ge=0, description="TensorFlow threads per worker process (0: cores / concurrency)."
+    )
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=10_000)
+
+    # --- Nightly scoring ----------------------------------------------------------
+    nightly_cron: str = Field("0 2 * * *", description="minute hour day month weekday")
+    nightly_images_dir: Path | None = None
+    nightly_output_dir: Path = Path("out")
+    nightly_lock_seconds: int = Field(6 * 3600, ge=60)
+
+    @model_validator(mode="after")
+    def _limits_below_visibility(self) -> Settings:
+        # A task still running when its message becomes visible again is delivered twice.
+        if self.score_time_limit >= self.visibility_timeout:
+            raise ValueError(
+                f"score_time_limit ({self.score_time_limit}s) must be below "
+                f"visibility_timeout ({self.visibility_timeout}s)"
+            )
+        if self.training_time_limit >= self.training_visibility_timeout:
+            raise ValueError(
+                f"training_time_limit ({self.training_time_limit}s) must be below "
+                f"training_visibility_timeout ({self.training_visibility_timeout}s)"
+            )
+        return self
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The Celery broker URL."""
+        return self.broker_url or self.redis_url
+
+
+def load_settings() -> Settings:
+    """Read and validate the settings, raising SettingsError with a readable message."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"GENDERSCORE_{'_'.join(str(p) for p in err['loc']).upper() or '?'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"invalid genderscore settings: {problems}") from None
+
+
+def cpu_count() -> int:
+    """Cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+settings = load_settings()

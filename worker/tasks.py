@@ -1,0 +1,102 @@
+"""Celery tasks of the scoring worker: thin wrappers around ``worker.batching``.
+
+``genderscore.score`` takes one picture per message, ``(run_id, userid, images_dir,
+model_path)``; the worker buffers messages (celery-batches) and hands a whole batch
+to one pool process, which scores it with one forward pass. Each message is
+acknowledged only after its outcome is in Redis, and handed back to the queue when
+its pool process dies (``task_reject_on_worker_lost``) or Redis stays unreachable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from celery.utils.log import get_task_logger
+from celery.worker.request import Request
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+
+from worker.batching import BatchReply, BatchScorer, ScoreRequest
+from worker.celery import app, pool_processes
+from worker.results import connect
+from worker.settings import settings
+
+log = get_task_logger(__name__)
+
+
+class ScoreBatches(Batches):  # type: ignore[misc]
+    """celery-batches with per-message acks: ack what was recorded, requeue the rest.
+
+    celery-batches acknowledges every message of a batch when the batch returns, even
+    when it failed, and never rejects on a lost worker; this flush does both per
+    message, from the reply the pool process sends back.
+    """
+
+    _scorer: BatchScorer | None = None
+
+    @property
+    def scorer(self) -> BatchScorer:
+        """The per-process scorer, created on first use (after the fork)."""
+        if self._scorer is None:
+            self._scorer = BatchScorer(connect(), processes=pool_processes())
+        return self._scorer
+
+    def flush(self, requests: Collection[Request]) -> Any:
+        """Send the batch to a pool process; ack or requeue each message on its reply."""
+        by_id = {req.id: req for req in requests}
+        started = time.monotonic()
+
+        def on_return(result: Any) -> None:
+            reply = result if isinstance(result, dict) else {"ack": [], "requeue": list(by_id)}
+            runtime = time.monotonic() - started
+            for request_id in reply.get("ack", []):
+                req = by_id.pop(request_id, None)
+                if req is not None:
+                    req.acknowledge()
+                    req.send_event("task-succeeded", result=None, runtime=runtime)
+            for req in list(by_id.values()):
+                req.reject(requeue=True)
+                req.send_event("task-retried", exception="requeued", traceback="")
+
+        def on_error(exc_info: ExceptionInfo) -> None:
+            # The pool process died (SIGKILL, OOM, hard time limit): every message goes
+            # back; delivery counts in Redis bound a picture that kills it every time.
+            log.error("batch of %d lost (%s): requeueing", len(by_id), exc_info.exception)
+            for req in by_id.values():
+                req.reject(requeue=True)
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            for req in by_id.values():
+                req.send_event("task-started")
+
+        batch = ([SimpleRequest.from_request(r) for r in requests],)
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, batch, 0, None),
+            accept_callback=on_accepted,
+            callback=on_return,
+            error_callback=on_error,
+            timeout=settings.score_time_limit,
+        )
+
+
+@app.task(
+    base=ScoreBatches,
+    name="genderscore.score",
+    flush_every=settings.batch_size,
+    flush_interval=settings.flush_interval,
+    acks_late=True,
+    ignore_result=True,
+)
+def score(requests: list[SimpleRequest]) -> dict[str, list[str]]:
+    """Score one picture per request, a batch at a time (run in a pool process)."""
+    batch = [ScoreRequest.from_args(r.id, r.args, r.kwargs) for r in requests]
+    try:
+        reply = score.scorer.process(batch)
+    except Exception:  # a bug must not ack unscored messages: requeue, deliveries bound it
+        log.exception("batch of %d failed", len(batch))
+        reply = BatchReply(requeue=[r.request_id for r in batch])
+    return {"ack": reply.ack, "requeue": reply.requeue}
