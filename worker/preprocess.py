@@ -20,7 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from worker.settings import settings
 
 # Formats Pillow may try; anything else (gzip, HTML, PDF, ...) is "not_an_image".
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# Signatures of the allowed formats: such a file that fails to open is corrupt, not foreign.
+KNOWN_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 RESAMPLE = Image.Resampling.BILINEAR
 PREPROCESSING_ID = "rgb-exif-bilinear-div255-v1"  # stored in model metadata
 
@@ -95,6 +97,8 @@ def decode(data: bytes, size: tuple[int, int], max_pixels: int | None = None) ->
     except PictureError:
         raise
     except UnidentifiedImageError:
+        if data.startswith(KNOWN_MAGIC):
+            raise PictureError("corrupt", "picture header is truncated or damaged") from None
         raise PictureError("not_an_image", "not a picture format Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PictureError("too_many_pixels", str(exc)) from None
