@@ -1,6 +1,6 @@
 """The ``genderscore`` command: one click group, one verb per job.
 
-Scoring verbs (score, collect, status, reconcile) import neither TensorFlow nor the
+Scoring verbs (score, collect, report, status, reconcile) import neither TensorFlow nor the
 training package, except ``score --local``, which scores in-process. The training
 verbs (train, evaluate) import ``training`` when they run.
 """
@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import redis
 
 from worker.settings import SettingsError
+
+if TYPE_CHECKING:
+    from producer.collect import RunData
 
 log = logging.getLogger("genderscore")
 
@@ -151,27 +154,98 @@ def _wait_and_collect(client: redis.Redis, run_id: str, out: Path | None,
 
 @main.command(name="collect")
 @click.argument("run_id")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="User-profile CSV to write (optional with --xml).")
 @click.option("--profiles", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Course profile.csv to fill in (keeps all its rows and columns).")
 @click.option("--partial", is_flag=True, help="Write what there is even if the run is incomplete.")
-def collect_cmd(run_id: str, out: Path, profiles: Path | None, partial: bool) -> None:
-    """Write the user-profile CSV of RUN_ID (and <name>.errors.csv beside it)."""
-    from producer.collect import IncompleteRun, collect
+@click.option("--xml", "xml_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write the course's <userid>.xml files into this folder.")
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --xml: training profile.csv for age group and traits (course means).")
+def collect_cmd(run_id: str, out: Path | None, profiles: Path | None, partial: bool,
+                xml_dir: Path | None, baseline: Path | None) -> None:
+    """Write the user-profile CSV of RUN_ID (and <name>.errors.csv beside it), the course's
+    <userid>.xml files, or both."""
+    from producer.collect import IncompleteRun, write_outputs
+    from producer.course_xml import read_baseline, write_course_xml
     from producer.profiles import LabelsError
+    from worker.ids import InvalidUserid
+
+    if out is None and xml_dir is None:
+        raise click.UsageError("give --out CSV, --xml DIR, or both")
+    if out is None and profiles is not None:
+        raise click.UsageError("--profiles fills in the CSV: it needs --out")
+    if xml_dir is None and baseline is not None:
+        raise click.UsageError("--baseline is for the XML files: it needs --xml")
+    client = _redis()
+    try:
+        chosen = read_baseline(baseline) if baseline else None
+        data = _load_run(client, run_id, partial)
+        if out is not None:
+            written = write_outputs(data, out, profiles)
+            click.echo(
+                f"scored {written.scored}, errors {written.errors}"
+                + (f", missing {written.missing}" if written.missing else "")
+                + f": {written.csv_path} ({written.errors_path.name})",
+                err=True,
+            )
+            click.echo(str(written.csv_path))
+        if xml_dir is not None:
+            count = write_course_xml(data, xml_dir, chosen)
+            click.echo(f"{count} XML files in {xml_dir}", err=True)
+            click.echo(str(xml_dir))
+    except (IncompleteRun, KeyError, LabelsError, InvalidUserid) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from None
+
+
+def _load_run(client: redis.Redis, run_id: str, partial: bool) -> RunData:
+    """The run's data; an incomplete run is refused unless ``partial``."""
+    from producer.collect import IncompleteRun, load_run
+
+    data = load_run(client, run_id)
+    if data.missing and not partial:
+        raise IncompleteRun(run_id, len(data.missing))
+    return data
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="userid,gender CSV or the course's profile.csv: adds accuracy.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write index.html into.")
+@click.option("--partial", is_flag=True, help="Report on a run that is not complete yet.")
+def report(run_id: str, labels: Path | None, out: Path, partial: bool) -> None:
+    """Write an HTML report of RUN_ID: facts, plots, errors and, with --labels, accuracy."""
+    from producer.collect import IncompleteRun
+    from producer.profiles import LabelsError, read_labels
+    from producer.report import build_report
+    from worker.model import ModelError, read_metadata
 
     client = _redis()
     try:
-        written = collect(client, run_id, out, profiles=profiles, partial=partial)
+        data = _load_run(client, run_id, partial)
+        model_meta = None
+        if data.meta.get("model"):
+            try:
+                model_meta = read_metadata(Path(data.meta["model"]))
+            except ModelError as exc:
+                log.warning("%s", exc)
+        if model_meta is None:
+            log.warning("no metadata for model %s: created_at and validation accuracy unknown",
+                        data.meta.get("model", "?"))
+        genders = None
+        if labels is not None:
+            parsed = read_labels(labels)
+            if parsed.skipped:
+                click.echo(f"{labels}: {len(parsed.skipped)} rows skipped", err=True)
+            genders = parsed.genders
+        path = build_report(data, out, genders, model_meta,
+                            labels_name=labels.name if labels else None)
     except (IncompleteRun, KeyError, LabelsError) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
-    click.echo(
-        f"scored {written.scored}, errors {written.errors}"
-        + (f", missing {written.missing}" if written.missing else "")
-        + f": {written.csv_path} ({written.errors_path.name})",
-        err=True,
-    )
-    click.echo(str(written.csv_path))
+    click.echo(str(path))
 
 
 @main.command()
@@ -203,13 +277,21 @@ def reconcile(run_id: str, images: Path | None, model: Path | None) -> None:
 
 
 def _register_training() -> None:
-    try:
-        from training.cli import evaluate, train
-    except ImportError:  # TODO(lead): remove once training.cli lands
-        return
+    from training.cli import evaluate, train
 
     main.add_command(train)
     main.add_command(evaluate)
 
 
+def _register_metrics() -> None:
+    from producer.metrics import metrics
+
+    main.add_command(metrics)
+
+
 _register_training()
+_register_metrics()
+
+
+if __name__ == "__main__":
+    main()

@@ -42,8 +42,17 @@ def wait_for_run(
     first = run_counts(client, run_id)
     base = first.done + first.errors
     last_print = 0.0
+    counts = first
     while True:
-        counts = run_counts(client, run_id)
+        try:
+            counts = run_counts(client, run_id)
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            # Redis restarting: keep following; the run's state is in Redis, not here.
+            out.write(f"\nRedis unavailable ({exc}); still waiting\n")
+            time.sleep(2)
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s") from None
+            continue
         elapsed = time.monotonic() - start
         rate = (counts.done + counts.errors - base) / elapsed if elapsed > 0 else 0.0
         line = format_progress(counts, rate)

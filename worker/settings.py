@@ -63,10 +63,14 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=10_000)
 
     # --- Nightly scoring ----------------------------------------------------------
-    nightly_cron: str = Field("0 2 * * *", description="minute hour day month weekday")
+    nightly_cron: str = Field(
+        "0 2 * * *", description="minute hour day month weekday (UTC), or a number of seconds"
+    )
     nightly_images_dir: Path | None = None
     nightly_output_dir: Path = Path("out")
     nightly_lock_seconds: int = Field(6 * 3600, ge=60)
+    # How often the nightly run's finisher checks whether the run is done.
+    nightly_poll_seconds: float = Field(30, gt=0)
 
     @model_validator(mode="after")
     def _limits_below_visibility(self) -> Settings:

@@ -9,6 +9,7 @@ its pool process dies (``task_reject_on_worker_lost``) or Redis stays unreachabl
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Collection
 from typing import Any
@@ -25,6 +26,7 @@ from worker.results import connect
 from worker.settings import settings
 
 log = get_task_logger(__name__)
+pool_log = logging.getLogger(__name__)  # the parent's callbacks run outside any task
 
 
 class ScoreBatches(Batches):  # type: ignore[misc]
@@ -64,7 +66,7 @@ class ScoreBatches(Batches):  # type: ignore[misc]
         def on_error(exc_info: ExceptionInfo) -> None:
             # The pool process died (SIGKILL, OOM, hard time limit): every message goes
             # back; delivery counts in Redis bound a picture that kills it every time.
-            log.error("batch of %d lost (%s): requeueing", len(by_id), exc_info.exception)
+            pool_log.error("batch of %d lost (%s): requeueing", len(by_id), exc_info.exception)
             for req in by_id.values():
                 req.reject(requeue=True)
 

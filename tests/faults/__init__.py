@@ -1,0 +1,1 @@
+"""Fault-injection tests: real workers and Redis servers started, killed and restarted."""

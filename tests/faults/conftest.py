@@ -1,0 +1,156 @@
+"""Fixtures for fault tests: an isolated key prefix per test, CLI and workers as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import redis
+
+from tests.helpers import ROOT, celery_worker, worker_env
+from worker.keys import RunKeys, run_keys
+from worker.settings import settings
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def redis_server(workdir: Path, port: int | None = None, *args: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A private redis-server on another port (AOF, auth, maxmemory... via ``args``)."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--dir", str(workdir), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    try:
+        yield port, proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    """Wait until something accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class FaultEnv:
+    """One test's world: its own key prefix (so its own queues) and settings."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, model: Path, **overrides: Any) -> None:
+        self.tmp = tmp_path
+        self.prefix = f"gsfault{uuid.uuid4().hex[:8]}"
+        self.redis_url = redis_url
+        self.env = {
+            "GENDERSCORE_REDIS_URL": redis_url,
+            "GENDERSCORE_KEY_PREFIX": self.prefix,
+            "GENDERSCORE_MODEL": str(model),
+            "GENDERSCORE_VISIBILITY_TIMEOUT": "20",
+            "GENDERSCORE_SCORE_TIME_LIMIT": "10",
+            "GENDERSCORE_FLUSH_INTERVAL": "0.2",
+        }
+        self.env.update({f"GENDERSCORE_{k.upper()}": str(v) for k, v in overrides.items()})
+        self.logs: list[Path] = []
+
+    @property
+    def client(self) -> redis.Redis:
+        """A client of this world's Redis."""
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+
+    def keys(self, run_id: str) -> RunKeys:
+        """The run's keys under this world's prefix."""
+        with mock.patch.object(settings, "key_prefix", self.prefix):
+            return run_keys(run_id)
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``genderscore ARGS`` as a subprocess in this world."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "producer.cli", *args], cwd=ROOT, env=worker_env(self.env),
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"genderscore {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def cli_background(self, *args: str) -> subprocess.Popen[str]:
+        """Start ``genderscore ARGS`` without waiting."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", *args], cwd=ROOT, env=worker_env(self.env),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    @contextmanager
+    def worker(self, name: str = "w", concurrency: int = 2, **extra: str) -> Iterator[subprocess.Popen[bytes]]:
+        """A real scoring worker of this world."""
+        log = self.tmp / f"{name}-{len(self.logs)}.log"
+        self.logs.append(log)
+        env = dict(self.env, **extra)
+        with celery_worker("score", concurrency=concurrency, extra_env=env, log_path=log,
+                           name=f"{name}{len(self.logs)}") as proc:
+            yield proc
+
+    def settled(self, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Predictions and errors of a run."""
+        keys = self.keys(run_id)
+        return self.client.hgetall(keys.pred), self.client.hgetall(keys.err)
+
+    def wait_settled(self, run_id: str, total: int, timeout: float) -> None:
+        """Wait until ``total`` userids of the run are settled."""
+        keys = self.keys(run_id)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.client.hlen(keys.pred) + self.client.hlen(keys.err) >= total:
+                    return
+            except redis.ConnectionError:
+                pass
+            time.sleep(0.25)
+        pred, err = self.settled(run_id)
+        raise AssertionError(f"run {run_id}: {len(pred)} + {len(err)} settled of {total}")
+
+    def deliveries(self, run_id: str) -> dict[str, int]:
+        """userid -> deliveries counted by workers."""
+        tries = self.client.hgetall(self.keys(run_id).tries)
+        return {k: int(v) for k, v in tries.items() if ":" not in k}
+
+    def cleanup(self) -> None:
+        """Delete this world's keys."""
+        try:
+            client = self.client
+            for key in client.scan_iter(match=f"{self.prefix}:*", count=1000):
+                client.delete(key)
+        except redis.RedisError:
+            pass
+
+
+@pytest.fixture
+def world(tmp_path: Path, tiny_model: Path, redis_client: redis.Redis) -> Iterator[FaultEnv]:
+    """A fault-test world on the test Redis."""
+    env = FaultEnv(tmp_path, os.environ["GENDERSCORE_REDIS_URL"], tiny_model)
+    yield env
+    env.cleanup()
