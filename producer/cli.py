@@ -67,7 +67,26 @@ def _report_skipped(skipped: list[tuple[str, str]]) -> None:
         click.echo(f"  ... and {len(skipped) - 50} more", err=True)
 
 
-@click.group()
+class Cli(click.Group):
+    """The command group; Redis faults become one clear line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command, translating Redis errors into messages a user can act on."""
+        try:
+            return super().invoke(ctx)
+        except redis.OutOfMemoryError as exc:
+            raise click.ClickException(
+                f"Redis is full (OOM: {exc}); nothing was evicted. Free memory or raise "
+                "maxmemory, then run the command again (`genderscore reconcile` repairs a run)"
+            ) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise click.ClickException(
+                f"lost the connection to Redis ({exc}); run the command again once it is back "
+                "(`genderscore reconcile RUN_ID` re-enqueues what a run is missing)"
+            ) from None
+
+
+@click.group(cls=Cli)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """genderscore: predict gender from profile pictures with a Keras CNN."""
@@ -139,9 +158,14 @@ def _wait_and_collect(client: redis.Redis, run_id: str, out: Path | None,
                       timeout: float | None) -> None:
     from producer.collect import IncompleteRun, collect
     from producer.follow import wait_for_run
+    from producer.reconcile import repair_stalled
+    from worker.celery import app
 
+    settings = _settings()
     try:
-        wait_for_run(client, run_id, timeout=timeout)
+        wait_for_run(client, run_id, timeout=timeout,
+                     repair=lambda: repair_stalled(app, client, run_id),
+                     stall_after=settings.visibility_timeout + 20)
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None
     target = out or Path("out") / f"{run_id}.csv"

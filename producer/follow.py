@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 import redis
 
 from worker.results import RunCounts, run_counts
+
+log = logging.getLogger(__name__)
 
 
 def format_progress(counts: RunCounts, rate: float) -> str:
@@ -34,8 +38,14 @@ def wait_for_run(
     timeout: float | None = None,
     interval: float = 0.5,
     stream: TextIO | None = None,
+    repair: Callable[[], int] | None = None,
+    stall_after: float | None = None,
 ) -> RunCounts:
-    """Poll a run until it finishes (or ``timeout``), drawing a progress line on a TTY."""
+    """Poll a run until it finishes (or ``timeout``), drawing a progress line on a TTY.
+
+    When nothing has settled for ``stall_after`` seconds, ``repair`` is called (it
+    re-enqueues userids lost in transit, see ``producer.reconcile.repair_stalled``).
+    """
     out = stream or sys.stderr
     live = out.isatty()
     start = time.monotonic()
@@ -43,6 +53,7 @@ def wait_for_run(
     base = first.done + first.errors
     last_print = 0.0
     counts = first
+    last_settled, last_change = base, time.monotonic()
     while True:
         try:
             counts = run_counts(client, run_id)
@@ -62,6 +73,14 @@ def wait_for_run(
         elif elapsed - last_print >= 10 or counts.finished:
             out.write(line + "\n")
             last_print = elapsed
+        settled = counts.done + counts.errors
+        if settled != last_settled:
+            last_settled, last_change = settled, time.monotonic()
+        elif repair and stall_after and time.monotonic() - last_change > stall_after:
+            requeued = repair()
+            if requeued:
+                out.write(f"\nno progress for {stall_after:.0f}s: {requeued} userids re-enqueued\n")
+            last_change = time.monotonic()
         if counts.finished:
             if live:
                 out.write("\n")

@@ -73,7 +73,7 @@ class RunsCollector(Collector):
             name: GaugeMetricFamily(f"genderscore_run_{name}", doc, labels=["run", "model"])
             for name, doc in _RUN_GAUGES.items()
         }
-        for run_id in self.client.zrevrange(runs_index(), 0, self.runs - 1):
+        for run_id in map(str, self.client.zrevrange(runs_index(), 0, self.runs - 1)):
             counts = run_counts(self.client, run_id)
             if not counts.meta:  # expired since it was listed
                 continue

@@ -93,9 +93,15 @@ class NightlyConfig:
 
     @classmethod
     def from_settings(cls, s: Settings) -> NightlyConfig:
-        """The nightly configuration of settings ``s`` (its images folder must be set)."""
-        return cls(str(s.nightly_images_dir), str(s.nightly_output_dir), str(s.model),
-                   s.nightly_lock_seconds, s.nightly_poll_seconds)
+        """The nightly configuration of settings ``s`` (its images folder must be set).
+
+        Paths are made absolute here: the worker that runs the task may have another
+        working directory (in docker-compose.yml every service mounts the same paths).
+        """
+        if s.nightly_images_dir is None:
+            raise ValueError("GENDERSCORE_NIGHTLY_IMAGES_DIR is not set")
+        return cls(str(s.nightly_images_dir.resolve()), str(s.nightly_output_dir.resolve()),
+                   str(s.model.resolve()), s.nightly_lock_seconds, s.nightly_poll_seconds)
 
 
 def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
@@ -124,7 +130,7 @@ def acquire_lock(client: redis.Redis, run_id: str, task_id: str, seconds: int) -
     key = nightly_lock()
     if client.set(key, f"{run_id} {task_id}", nx=True, ex=seconds):
         return run_id
-    held = client.get(key) or ""
+    held = str(client.get(key) or "")  # the client decodes responses
     held_run, _, held_task = held.partition(" ")
     if held_task and held_task == task_id:
         return held_run
@@ -134,7 +140,7 @@ def acquire_lock(client: redis.Redis, run_id: str, task_id: str, seconds: int) -
 def lock_holder(client: redis.Redis) -> str | None:
     """The run id that holds the nightly lock, if any."""
     held = client.get(nightly_lock())
-    return held.partition(" ")[0] if held else None
+    return str(held).partition(" ")[0] if held else None
 
 
 def release_lock(client: redis.Redis, run_id: str, task_id: str) -> bool:
@@ -234,8 +240,8 @@ def finish_nightly(client: redis.Redis, run_id: str, task_id: str, output_dir: P
 # --- tasks -----------------------------------------------------------------------------
 
 @app.task(name=NIGHTLY_TASK, bind=True, ignore_result=True)
-def nightly(self: Task, images_dir: str, output_dir: str, model: str, lock_seconds: int,
-            poll_seconds: float) -> dict[str, Any]:
+def nightly(self: Task[Any, Any], images_dir: str, output_dir: str, model: str,
+            lock_seconds: int, poll_seconds: float) -> dict[str, Any]:
     """Start tonight's run of new and changed pictures, unless one is in progress."""
     config = NightlyConfig(images_dir, output_dir, model, lock_seconds, poll_seconds)
     task_id = str(self.request.id)
@@ -251,8 +257,8 @@ def nightly(self: Task, images_dir: str, output_dir: str, model: str, lock_secon
 
 
 @app.task(name=FINISH_TASK, bind=True, ignore_result=True)
-def nightly_finish(self: Task, run_id: str, task_id: str, output_dir: str, deadline: float,
-                   poll_seconds: float) -> str:
+def nightly_finish(self: Task[Any, Any], run_id: str, task_id: str, output_dir: str,
+                   deadline: float, poll_seconds: float) -> str:
     """Write the nightly CSVs once the run is finished; checks again later until it is."""
     written = finish_nightly(connect(), run_id, task_id, Path(output_dir), deadline)
     if written is None:
@@ -288,7 +294,7 @@ def _check_schedule(sender: Any = None, **_: Any) -> None:
         beat_log.warning("nightly: GENDERSCORE_NIGHTLY_IMAGES_DIR is not set: no nightly run")
     else:
         beat_log.info("nightly: %s on %s (UTC) -> %s", entry["kwargs"]["images_dir"],
-                 settings.nightly_cron, entry["kwargs"]["output_dir"])
+                      settings.nightly_cron, entry["kwargs"]["output_dir"])
 
 
 _install_schedule()

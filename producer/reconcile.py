@@ -64,3 +64,25 @@ def reconcile_run(
     publish(app, run_id, todo, images.resolve(), model_path.resolve())
     seal_run(client, run_id, int(client.scard(keys.ids)))
     return len(todo)
+
+
+def repair_stalled(app: Celery, client: redis.Redis, run_id: str) -> int:
+    """Re-enqueue a stalled run's unsettled userids, when nothing can still deliver them.
+
+    Redis's BRPOP hands a message to a worker before kombu records it as unacked: a
+    connection lost in between loses the message. Once the queue and the unacked
+    index are empty, an unsettled userid can only have been lost that way.
+    """
+    from producer.status import queue_lengths
+
+    lengths = queue_lengths(client)
+    if lengths["score"] or lengths["unacked (score)"]:
+        return 0
+    keys = run_keys(run_id)
+    meta = client.hgetall(keys.meta)
+    todo = unsettled(client, run_id)
+    if todo and "images_dir" in meta and "model" in meta:
+        log.warning("run %s stalled: re-enqueueing %d userids lost in transit", run_id, len(todo))
+        publish(app, run_id, todo, Path(meta["images_dir"]), Path(meta["model"]))
+        return len(todo)
+    return 0

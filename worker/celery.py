@@ -32,6 +32,10 @@ def transport_options(s: Settings, training: bool = False) -> dict[str, Any]:
     options: dict[str, Any] = {
         "global_keyprefix": prefix(),
         "visibility_timeout": s.visibility_timeout,
+        # kombu scans for expired unacked messages every 10 s but, by default, acts on
+        # one scan in 10: a lost message would wait up to 100 s past its timeout.
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
     }
     if training:
         options.update(
@@ -60,6 +64,9 @@ def celery_config(s: Settings) -> dict[str, Any]:
         # At-least-once: ack after the work, requeue when the pool process dies.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # Tasks running when the broker connection drops cannot be acked on it: cancel
+        # them; their messages come back (Celery 6's default).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_default_queue": SCORE_QUEUE,
         "task_routes": {
             "genderscore.score": {"queue": SCORE_QUEUE},

@@ -46,6 +46,16 @@ class ScoreBatches(Batches):  # type: ignore[misc]
             self._scorer = BatchScorer(connect(), processes=pool_processes())
         return self._scorer
 
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)
+        """A new consumer (after a broker reconnect) gets a new flush timer.
+
+        celery-batches starts its timer only when ``_tref`` is None; the timer of the
+        previous consumer is gone after a reconnect, so without this reset a partial
+        batch would wait forever in the buffer.
+        """
+        self._tref = None
+        return super().Strategy(task, app, consumer)
+
     def flush(self, requests: Collection[Request]) -> Any:
         """Send the batch to a pool process; ack or requeue each message on its reply."""
         by_id = {req.id: req for req in requests}

@@ -70,8 +70,10 @@ class FaultEnv:
             "GENDERSCORE_REDIS_URL": redis_url,
             "GENDERSCORE_KEY_PREFIX": self.prefix,
             "GENDERSCORE_MODEL": str(model),
-            "GENDERSCORE_VISIBILITY_TIMEOUT": "20",
-            "GENDERSCORE_SCORE_TIME_LIMIT": "10",
+            # Short, so that a killed worker's messages come back within a test; the time
+            # limit leaves room for a pool process's TensorFlow start on a busy machine.
+            "GENDERSCORE_VISIBILITY_TIMEOUT": "40",
+            "GENDERSCORE_SCORE_TIME_LIMIT": "30",
             "GENDERSCORE_FLUSH_INTERVAL": "0.2",
         }
         self.env.update({f"GENDERSCORE_{k.upper()}": str(v) for k, v in overrides.items()})
@@ -131,7 +133,13 @@ class FaultEnv:
                 pass
             time.sleep(0.25)
         pred, err = self.settled(run_id)
-        raise AssertionError(f"run {run_id}: {len(pred)} + {len(err)} settled of {total}")
+        client, p = self.client, f"{self.prefix}:"
+        diagnosis = {
+            "queued": client.llen(p + "score"),
+            "unacked": client.hlen(p + "unacked"),
+            "unacked_mutex_ttl": client.ttl(p + "unacked_mutex"),
+        }
+        raise AssertionError(f"run {run_id}: {len(pred)} + {len(err)} settled of {total}; {diagnosis}")
 
     def deliveries(self, run_id: str) -> dict[str, int]:
         """userid -> deliveries counted by workers."""

@@ -104,7 +104,7 @@ def test_warm_shutdown_mid_run_then_restart(world: FaultEnv, tmp_path: Path) -> 
         started = time.monotonic()
         stop_process(first, signal.SIGTERM, timeout=30)
         assert first.returncode is not None
-        assert time.monotonic() - started < 10 + 5  # within the task time limit
+        assert time.monotonic() - started < 30 + 5  # within the task time limit
     pred, _ = world.settled(run_id)
     assert len(pred) < 800
     with world.worker("second"):

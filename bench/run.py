@@ -1,0 +1,546 @@
+"""The genderscore benchmark, one command: ``python -m bench.run [--n 5000] [--quick]``.
+
+On N generated profile-like JPEGs and an untrained model of the origin's architecture
+(150x150, kernel 4) it measures, one after the other:
+
+(a) the in-process ceiling, ``genderscore score --local`` (every core, no broker);
+(b) the pipeline, ``genderscore score --wait --out`` with real workers
+    (``celery -A worker worker -Q score``, the project's default settings), timed from
+    the run's creation (first enqueue) to the CSV written; again at each ``--sizes``;
+(c) the naive baseline (``bench.naive``: one task and one ``model.predict`` per
+    picture), on the first ``--naive-n`` pictures;
+
+then enqueueing ``--enqueue`` userids and collecting ``--collect`` predictions. It
+prints one table and writes it as JSON to ``bench/results/<timestamp>.json``.
+Everything lives under a private key prefix (``gsbench-<random>``) on
+``GENDERSCORE_REDIS_URL``, deleted at the end; other ``GENDERSCORE_*`` settings in the
+environment apply to the workers as they would in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from secrets import token_hex
+from typing import TYPE_CHECKING, Any
+
+from bench.modelfile import make_in_subprocess
+from bench.pictures import PictureSet, generate, subset, userids
+from bench.procs import ROOT, bench_env, celery_worker, genderscore
+
+if TYPE_CHECKING:
+    import redis
+
+log = logging.getLogger("bench")
+RESULTS_DIR = ROOT / "bench" / "results"
+TARGETS = {
+    "b_over_a": 0.85, "b_over_c": 20.0, "worker_rss_mb": 800.0, "enqueue_per_s": 10_000,
+    "collect_s": 15.0, "redis_bytes_per_prediction": 150.0,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one benchmark run measures."""
+
+    n: int = 5000
+    sizes: tuple[int, ...] = (1000, 5000, 20000)
+    naive_n: int = 500
+    enqueue_n: int = 100_000
+    collect_n: int = 1_000_000
+    model_size: int = 150
+    model_kernel: int = 4
+    profile: str = "full"  # picture sizes: "full" (100x100..1024x768) or "quick"
+    seed: int = 1
+
+    @classmethod
+    def quick(cls) -> Plan:
+        """A smoke run: tiny pictures and model, every figure, well under a minute."""
+        return cls(n=120, sizes=(60, 120), naive_n=30, enqueue_n=2000, collect_n=20_000,
+                   model_size=32, model_kernel=3, profile="quick")
+
+
+@dataclass
+class Bench:
+    """A benchmark run's shared state: where things are and what was measured."""
+
+    plan: Plan
+    workdir: Path
+    client: redis.Redis
+    model: Path
+    model_sha: str
+    pictures: PictureSet
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def folder(self, count: int) -> Path:
+        """A folder with the first ``count`` pictures."""
+        return subset(self.pictures, count, self.workdir / f"pictures-{count}")
+
+    def logs(self, name: str) -> Path:
+        """Where a process of this run logs."""
+        path = self.workdir / "logs" / f"{name}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+# --- the three measurements ---------------------------------------------------------
+
+
+def csv_written_at(out: Path) -> float:
+    """When a collected CSV and its errors file were both written (unix time)."""
+    errors = out.with_name(f"{out.stem}.errors.csv")
+    return max(out.stat().st_mtime, errors.stat().st_mtime if errors.exists() else 0.0)
+
+
+def check_csv(out: Path, expected: list[str]) -> dict[str, int]:
+    """Rows of a collected CSV; raise unless it has exactly one row per expected userid."""
+    with out.open(newline="") as handle:
+        rows = [row["userid"] for row in csv.DictReader(handle)]
+    errors = out.with_name(f"{out.stem}.errors.csv")
+    error_rows = max(0, sum(1 for _ in errors.open()) - 1) if errors.exists() else 0
+    if len(rows) != len(set(rows)) or set(rows) != set(expected):
+        raise RuntimeError(f"{out}: {len(rows)} rows ({len(set(rows))} distinct) for "
+                           f"{len(expected)} pictures")
+    return {"rows": len(rows), "error_rows": error_rows}
+
+
+def measure_local(bench: Bench, count: int) -> dict[str, Any]:
+    """(a) ``genderscore score --local``: model loaded (warm) or command start (cold) to CSV."""
+    folder = bench.folder(count)
+    out = bench.workdir / f"local-{count}.csv"
+    cmd = genderscore(["score", str(folder), "--local", "--out", str(out)], bench_env(),
+                      bench.workdir, timeout=120 + count).check("score --local")
+    written = csv_written_at(out)
+    seconds, cold = written - cmd.model_loaded, written - cmd.started
+    return {
+        "pictures": count, "seconds": round(seconds, 2),
+        "images_per_s": round(count / seconds, 1),
+        "cold_seconds": round(cold, 2),  # with the scan, TensorFlow's import and the model load
+        "cold_images_per_s": round(count / cold, 1),
+        "peak_rss_mb": cmd.max_rss_mb,
+        **check_csv(out, userids(bench.pictures, count)),
+    }
+
+
+def warmup_size(bench: Bench, processes: int) -> int:
+    """Pictures of the warm-up run: two batches per pool process."""
+    from worker.settings import settings
+
+    return min(bench.pictures.count, 2 * settings.batch_size * max(1, processes))
+
+
+def score_run(bench: Bench, folder: Path, count: int, label: str,
+              env: dict[str, str]) -> dict[str, Any]:
+    """One ``genderscore score --wait --out`` run: first enqueue to CSV written."""
+    from worker.keys import run_keys
+
+    out = bench.workdir / f"{label}.csv"
+    wait_s = 120 + count / 5
+    cmd = genderscore(["score", str(folder), "--wait", "--out", str(out),
+                       "--timeout", f"{wait_s:.0f}"], env, bench.workdir,
+                      timeout=wait_s + 60).check(f"score --wait ({label})")
+    run_id = cmd.stdout.strip().splitlines()[-1]
+    meta = bench.client.hgetall(run_keys(run_id).meta)
+    started, finished = float(meta["started_at"]), float(meta["finished_at"])
+    written = csv_written_at(out)
+    return {
+        "pictures": count, "seconds": round(written - started, 2),
+        "images_per_s": round(count / (written - started), 1),
+        "scoring_seconds": round(finished - started, 2),  # first enqueue to last outcome
+        "collect_seconds": round(written - finished, 2),  # with --wait's 0.5 s polling
+        "command_seconds": round(written - cmd.started, 2),  # with the scan
+        "producer_peak_rss_mb": cmd.max_rss_mb,
+        **check_csv(out, userids(bench.pictures, count)),
+    }
+
+
+def measure_pipeline(bench: Bench, count: int, label: str = "",
+                     worker_env: dict[str, str] | None = None,
+                     worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """(b) fresh workers; a warm-up run loads the model (cold), then the timed run (warm)."""
+    from worker.keys import model_loads
+
+    label = label or f"pipeline-{count}"
+    bench.client.delete(model_loads())
+    env = bench_env(worker_env)
+    with celery_worker("worker", "score", f"bench-{label}", env, bench.logs(label),
+                       worker_args) as worker:
+        warm_n = warmup_size(bench, len(worker.pool_pids()))
+        cold = score_run(bench, bench.folder(warm_n), warm_n, f"{label}-warmup", env)
+        result = score_run(bench, bench.folder(count), count, label, env)
+        rss = worker.peak_rss_mb()
+        processes = len(worker.pool_pids()) or 1  # solo and threads: the main process scores
+    loads = {k: int(v) for k, v in bench.client.hgetall(model_loads()).items()}
+    return result | {
+        "warmup": {k: cold[k] for k in ("pictures", "seconds", "images_per_s")},
+        "worker_peak_rss_mb": rss,
+        "worker_processes": processes,
+        "model_loads": sum(loads.values()),
+        "model_loads_by_process": loads,
+    }
+
+
+def measure_naive(bench: Bench, count: int) -> dict[str, Any]:
+    """(c) one task and one ``model.predict`` per picture, on warmed-up workers."""
+    from bench.naive import NAIVE_QUEUE, NAIVE_TASK, app, loads_key, results_key
+    from producer.files import write_csv_atomic
+
+    folder = bench.folder(count)
+    uids = userids(bench.pictures, count)
+    out = bench.workdir / f"naive-{count}.csv"
+
+    def send(run: str, names: list[str]) -> None:
+        for uid in names:  # one publish per task, as people write it first
+            app.send_task(NAIVE_TASK, args=(run, uid, str(folder / f"{uid}.jpg"),
+                                             str(bench.model)), queue=NAIVE_QUEUE)
+
+    def wait(run: str, total: int, started: float, limit: float) -> None:
+        while bench.client.hlen(results_key(run)) < total:
+            if time.time() - started > limit:
+                raise RuntimeError(f"naive baseline: {bench.client.hlen(results_key(run))} "
+                                   f"of {total} after {limit:.0f}s")
+            time.sleep(0.05)
+
+    bench.client.delete(loads_key())
+    with celery_worker("bench.naive", NAIVE_QUEUE, "bench-naive", bench_env(),
+                       bench.logs("naive")) as worker:
+        processes = len(worker.pool_pids()) or 1
+        warm_started = time.time()
+        sent = 0
+        while bench.client.hlen(loads_key()) < processes and time.time() - warm_started < 120:
+            # One task at a time: a busy process (loading its model) leaves the next to another.
+            send("naive-warmup", uids[sent % count : sent % count + 1])
+            sent += 1
+            time.sleep(0.5)
+        wait("naive-warmup", sent, warm_started, 180)
+        warmup_seconds = time.time() - warm_started
+        run = f"naive-{token_hex(3)}"
+        started = time.time()
+        send(run, uids)
+        wait(run, count, started, 120 + count * 2)
+        values = bench.client.hgetall(results_key(run))
+        write_csv_atomic(out, ("userid", "p"), sorted(values.items()))
+        seconds = csv_written_at(out) - started
+        rss = worker.peak_rss_mb()
+    loads = {k: int(v) for k, v in bench.client.hgetall(loads_key()).items()}
+    return {
+        "pictures": count, "seconds": round(seconds, 2),
+        "images_per_s": round(count / seconds, 1),
+        "warmup": {"pictures": sent, "seconds": round(warmup_seconds, 2)},
+        "worker_peak_rss_mb": rss, "worker_processes": processes,
+        "model_loads": sum(loads.values()),
+        **check_csv(out, uids),
+    }
+
+
+# --- the run ------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """Facts about this machine and the software measured."""
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
+                    .splitlines() if line.startswith("MemTotal")), 0)
+    versions = {}
+    for package in ("tensorflow", "keras", "celery", "celery-batches", "kombu", "redis",
+                    "pillow", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "-"
+    return {
+        "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem_kib / 2**20, 1),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "versions": versions,
+    }
+
+
+def effective_settings(concurrency: int) -> dict[str, Any]:
+    """The scoring settings the workers of (b) run with."""
+    from worker.model import default_tf_threads
+    from worker.settings import settings
+
+    return {
+        "pool": "prefork", "concurrency": concurrency, "batch_size": settings.batch_size,
+        "flush_interval_s": settings.flush_interval,
+        "prefetch_batches": settings.prefetch_batches,
+        "prefetch_per_process": settings.batch_size * settings.prefetch_batches,
+        "tf_threads_per_process": default_tf_threads(concurrency),
+        "redis_url": _redact(settings.redis_url), "key_prefix": settings.key_prefix,
+    }
+
+
+def _redact(url: str) -> str:
+    from producer.cli import redact
+
+    return redact(url)
+
+
+def setup(plan: Plan, workdir: Path) -> Bench:
+    """Pictures, model and a Redis client under the benchmark's private prefix."""
+    from worker.model import file_sha256
+    from worker.results import connect
+
+    client = connect()
+    client.ping()
+    model = Path(os.environ["GENDERSCORE_MODEL"])
+    started = time.perf_counter()
+    make_in_subprocess(model, plan.model_size, plan.model_kernel, bench_env())
+    log.info("model %s ready (%.1fs)", model.name, time.perf_counter() - started)
+    started = time.perf_counter()
+    count = max(plan.n, plan.naive_n, *plan.sizes)
+    pictures = generate(workdir / f"pictures-{plan.profile}-s{plan.seed}", count, plan.seed,
+                        plan.profile)
+    log.info("%d pictures ready (%.1fs)", count, time.perf_counter() - started)
+    return Bench(plan, workdir, client, model, file_sha256(model), pictures)
+
+
+def run(plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Every measurement of ``plan``; returns the results."""
+    from bench.micro import collect, enqueue
+    from worker.settings import cpu_count
+
+    bench = setup(plan, workdir)
+    results = bench.results
+    results["plan"] = plan.__dict__ | {"sizes": list(plan.sizes)}
+    results["pictures"] = bench.pictures.summary() | {"used": plan.n}
+    results["model"] = {"input": f"{plan.model_size}x{plan.model_size}",
+                        "kernel": plan.model_kernel, "sha256": bench.model_sha[:12]}
+    results["settings"] = effective_settings(cpu_count())
+
+    phases = [
+        ("local", lambda: measure_local(bench, plan.n)),
+        ("pipeline", lambda: measure_pipeline(bench, plan.n)),
+        ("naive", lambda: measure_naive(bench, min(plan.naive_n, plan.n))),
+    ]
+    for name, action in phases:
+        results[name] = _phase(name, action)
+    scaling = []
+    for size in plan.sizes:
+        result = results["pipeline"] if size == plan.n else _phase(
+            f"pipeline at {size}", lambda size=size: measure_pipeline(bench, size))
+        scaling.append(result)
+    results["scaling"] = scaling
+    results["enqueue"] = _phase("enqueue", lambda: enqueue(
+        bench.client, plan.enqueue_n, bench.pictures.folder, bench.model, bench.model_sha))
+    results["collect"] = _phase("collect", lambda: collect(bench.client, plan.collect_n))
+    results["ratios"] = {
+        "b_over_a": round(results["pipeline"]["images_per_s"]
+                          / results["local"]["images_per_s"], 3),
+        "b_over_c": round(results["pipeline"]["images_per_s"]
+                          / results["naive"]["images_per_s"], 2),
+    }
+    results["targets"] = targets(results)
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return results
+
+
+def _phase(name: str, action: Any) -> Any:
+    load = os.getloadavg()[0]
+    quiet = "" if load < 0.5 else f" (load average {load:.2f}: the machine is not quiet)"
+    log.info("--- %s%s", name, quiet)
+    started = time.perf_counter()
+    result = action()
+    log.info("--- %s done in %.1fs: %s", name, time.perf_counter() - started,
+             {k: v for k, v in result.items() if not isinstance(v, dict)})
+    return result
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue with the measured value and whether it is met."""
+    pipeline, collected = results["pipeline"], results["collect"]
+    worker_rss = max(v for run in results["scaling"] for v in run["worker_peak_rss_mb"].values())
+    return [
+        _target("(b)/(a)", results["ratios"]["b_over_a"], ">=", TARGETS["b_over_a"]),
+        _target("(b)/(c)", results["ratios"]["b_over_c"], ">=", TARGETS["b_over_c"]),
+        _target("worker peak RSS per process (MB)", worker_rss, "<=", TARGETS["worker_rss_mb"]),
+        _target("model loads = worker processes", pipeline["model_loads"], "==",
+                pipeline["worker_processes"]),
+        _target(f"enqueue {results['enqueue']['userids']:,} userids (/s)",
+                results["enqueue"]["per_second"], ">=", TARGETS["enqueue_per_s"]),
+        _target(f"collect {collected['predictions']:,} predictions (s)", collected["seconds"],
+                "<=", TARGETS["collect_s"]),
+        _target("Redis bytes per prediction (INFO memory)",
+                collected["info_bytes_per_prediction"], "<=",
+                TARGETS["redis_bytes_per_prediction"]),
+    ]
+
+
+def _target(name: str, value: float, op: str, goal: float) -> dict[str, Any]:
+    met = {">=": value >= goal, "<=": value <= goal, "==": value == goal}[op]
+    return {"name": name, "value": value, "target": f"{op} {goal:g}", "met": met}
+
+
+# --- output -------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as a plain-text table (what the README shows)."""
+    m, s, p = results["machine"], results["settings"], results["pictures"]
+    local, pipe, naive = results["local"], results["pipeline"], results["naive"]
+    lines = [
+        f"genderscore benchmark {results['started_at']}",
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']},"
+        f" TensorFlow {m['versions']['tensorflow']}, Celery {m['versions']['celery']},"
+        f" Redis {m.get('redis_server', '?')}; load average at start "
+        f"{m['load_average_at_start'][0]}, at end {results['load_average_at_end'][0]}",
+        f"pictures: a set of {p['count']:,} ({p['min_wh'][0]}x{p['min_wh'][1]} to "
+        f"{p['max_wh'][0]}x{p['max_wh'][1]}, {p['progressive']} progressive, "
+        f"{p['grayscale']} grayscale, mean {p['mean_kib']} KiB); model "
+        f"{results['model']['input']}, kernel {results['model']['kernel']} (untrained)",
+        f"workers: {s['pool']} -c {s['concurrency']}, batch {s['batch_size']}, flush "
+        f"{s['flush_interval_s']} s, prefetch {s['prefetch_per_process']}/process, TensorFlow "
+        f"{s['tf_threads_per_process']} thread(s)/process",
+        "",
+        "warm: every process has its model loaded (as on any night after the first); cold: the",
+        "model load and TensorFlow's import included.",
+        f"{'measure (warm)':<52} {'pictures':>8} {'seconds':>8} {'img/s':>8}  cold",
+        _row("(a) score --local (in-process ceiling)", local)
+        + f"  {local['cold_seconds']:.2f} s, {local['cold_images_per_s']} img/s",
+        _row("(b) score -> workers -> collect (first enqueue->CSV)", pipe)
+        + f"  {_warmup(pipe)}",
+        _row("(c) naive: one task + model.predict per picture", naive)
+        + f"  {_warmup(naive)}",
+        "",
+        f"{'(b) at N, fresh workers each (warm)':<52} {'pictures':>8} {'seconds':>8} "
+        f"{'img/s':>8}  collect s | worker peak RSS MB | cold",
+    ]
+    for run_result in results["scaling"]:
+        rss = ", ".join(f"{v:.0f}" for v in run_result["worker_peak_rss_mb"].values())
+        lines.append(_row("", run_result) + f"  {run_result['collect_seconds']:>9.2f} | "
+                     f"{rss} | {_warmup(run_result)}")
+    lines += ["", f"{'target':<52} {'value':>12} {'goal':>10}  met"]
+    for t in results["targets"]:
+        value = f"{t['value']:,}" if isinstance(t["value"], int) else f"{t['value']:,.2f}"
+        lines.append(f"{t['name']:<52} {value:>12} {t['target']:>10}  "
+                     f"{'yes' if t['met'] else 'NO'}")
+    c, e = results["collect"], results["enqueue"]
+    lines += [
+        "",
+        f"enqueue: {e['userids']:,} userids in {e['seconds']} s; collect: "
+        f"{c['predictions']:,} rows in {c['seconds']} s (HSCAN page {c['scan_count']})",
+        f"Redis per prediction: {c['info_bytes_per_prediction']} B (INFO memory), "
+        f"{c['key_bytes_per_prediction']} B (MEMORY USAGE of the hash); the run's id set adds "
+        f"{c['key_bytes_per_userid_in_ids']} B per userid",
+        f"(c) ran on the first {naive['pictures']:,} pictures only: it is slow.",
+    ]
+    return "\n".join(lines)
+
+
+def _warmup(result: dict[str, Any]) -> str:
+    warm = result["warmup"]
+    return f"first {warm['pictures']} after start: {warm['seconds']:.2f} s"
+
+
+def _row(name: str, result: dict[str, Any]) -> str:
+    return (f"{name:<52} {result['pictures']:>8,} {result['seconds']:>8.2f} "
+            f"{result['images_per_s']:>8.1f}")
+
+
+def write_results(results: dict[str, Any], folder: Path) -> Path:
+    """Write the results as ``<folder>/<timestamp>.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{results['started_at'].replace(':', '')}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options (unset ones come from the plan: full or --quick)."""
+    full, quick = Plan(), Plan.quick()
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, help=f"pictures for (a) and (b) ({full.n})")
+    parser.add_argument("--sizes", help="picture counts for the scaling runs of (b) "
+                        f"({','.join(map(str, full.sizes))})")
+    parser.add_argument("--naive-n", type=int,
+                        help=f"pictures for the naive baseline (c) ({full.naive_n})")
+    parser.add_argument("--enqueue", type=int,
+                        help=f"userids for the enqueue micro-benchmark ({full.enqueue_n:,})")
+    parser.add_argument("--collect", type=int,
+                        help=f"predictions for the collect micro-benchmark ({full.collect_n:,})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: {quick.n} small pictures, a {quick.model_size}x"
+                        f"{quick.model_size} model, small counts")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep pictures, model, CSVs and logs here (reused by the next run)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="where the JSON goes (bench/results)")
+    return parser.parse_args(argv)
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    """The plan the options ask for: --quick or the full defaults, with overrides."""
+    base = Plan.quick() if args.quick else Plan()
+    sizes = tuple(int(x) for x in args.sizes.split(",") if x) if args.sizes else base.sizes
+    return replace(
+        base,
+        n=args.n or base.n,
+        sizes=sizes,
+        naive_n=args.naive_n or base.naive_n,
+        enqueue_n=args.enqueue or base.enqueue_n,
+        collect_n=args.collect or base.collect_n,
+    )
+
+
+def use_private_prefix(workdir: Path, plan: Plan) -> str:
+    """Point this process (and every process it starts) at a private key prefix and model."""
+    prefix = f"gsbench-{token_hex(4)}"
+    os.environ["GENDERSCORE_KEY_PREFIX"] = prefix
+    os.environ["GENDERSCORE_MODEL"] = str(
+        workdir / f"origin-{plan.model_size}-k{plan.model_kernel}.h5")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "worker.settings" in sys.modules:
+        raise RuntimeError("bench.run must set the environment before worker.settings loads")
+    return prefix
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table, write the JSON; 0 when it completed."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plan = plan_from(args)
+    temporary = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="genderscore-bench-")) if temporary else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    prefix = use_private_prefix(workdir, plan)
+
+    from bench.micro import delete_prefix
+    from worker.results import connect
+
+    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    info = machine()
+    client = connect()
+    try:
+        info["redis_server"] = client.info("server")["redis_version"]
+        results = {"started_at": started_at, "machine": info} | run(plan, workdir)
+    finally:
+        deleted = delete_prefix(client, f"{prefix}:")
+        log.info("deleted %d keys under %s:", deleted, prefix)
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+    path = write_results(results, args.results_dir)
+    print(table(results))
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

