@@ -67,8 +67,11 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        """A smoke run: tiny pictures and model, every figure, well under a minute."""
-        return cls(n=120, sizes=(60, 120), naive_n=30, enqueue_n=2000, collect_n=20_000,
+        """A smoke run: tiny pictures and model, every figure, in under a minute.
+
+        One scaling size only: each size costs a fresh worker and its TensorFlow import.
+        """
+        return cls(n=120, sizes=(120,), naive_n=30, enqueue_n=2000, collect_n=20_000,
                    model_size=32, model_kernel=3, profile="quick")
 
 
@@ -195,7 +198,7 @@ def measure_pipeline(bench: Bench, count: int, label: str = "",
 def measure_naive(bench: Bench, count: int) -> dict[str, Any]:
     """(c) one task and one ``model.predict`` per picture, on warmed-up workers."""
     from bench.naive import NAIVE_QUEUE, NAIVE_TASK, app, loads_key, results_key
-    from producer.files import write_csv_atomic
+    from worker.files import write_csv_atomic
 
     folder = bench.folder(count)
     uids = userids(bench.pictures, count)

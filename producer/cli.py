@@ -106,10 +106,20 @@ def main(verbose: bool) -> None:
 @click.option("--wait", is_flag=True, help="Follow the run with a progress bar, then collect.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write.")
 @click.option("--local", is_flag=True, help="Score in this process, without Redis or workers.")
-@click.option("--only-new", is_flag=True, help="Skip pictures this model already scored, unchanged.")
+@click.option(
+    "--only-new", is_flag=True, help="Skip pictures this model already scored, unchanged."
+)
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
-def score(images_dir: Path, model: Path | None, run_id: str | None, wait: bool, out: Path | None,
-          local: bool, only_new: bool, timeout: float | None) -> None:
+def score(
+    images_dir: Path,
+    model: Path | None,
+    run_id: str | None,
+    wait: bool,
+    out: Path | None,
+    local: bool,
+    only_new: bool,
+    timeout: float | None,
+) -> None:
     """Score every <userid>.jpg of IMAGES_DIR; prints the run id."""
     from producer.scan import scan_pictures
 
@@ -124,7 +134,9 @@ def score(images_dir: Path, model: Path | None, run_id: str | None, wait: bool, 
         data = score_local(model_path, images_dir, scan.userids)
         target = out or Path("out") / "local.csv"
         written = write_outputs(data, target)
-        click.echo(f"scored {written.scored}, errors {written.errors}: {written.csv_path}", err=True)
+        click.echo(
+            f"scored {written.scored}, errors {written.errors}: {written.csv_path}", err=True
+        )
         click.echo(str(written.csv_path))
         return
     from producer.enqueue import enqueue_run
@@ -141,8 +153,9 @@ def score(images_dir: Path, model: Path | None, run_id: str | None, wait: bool, 
     userids = scan.userids
     if only_new:
         userids, unchanged = only_new_userids(client, sha, images_dir, userids)
-        click.echo(f"--only-new: {unchanged} pictures already scored by this model, skipped",
-                   err=True)
+        click.echo(
+            f"--only-new: {unchanged} pictures already scored by this model, skipped", err=True
+        )
     result = enqueue_run(app, client, images_dir, model_path, sha, userids, run_id)
     click.echo(
         f"run {result.run_id}: {result.published} tasks enqueued"
@@ -154,8 +167,9 @@ def score(images_dir: Path, model: Path | None, run_id: str | None, wait: bool, 
         _wait_and_collect(client, result.run_id, out, timeout)
 
 
-def _wait_and_collect(client: redis.Redis, run_id: str, out: Path | None,
-                      timeout: float | None) -> None:
+def _wait_and_collect(
+    client: redis.Redis, run_id: str, out: Path | None, timeout: float | None
+) -> None:
     from producer.collect import IncompleteRun, collect
     from producer.follow import wait_for_run
     from producer.reconcile import repair_stalled
@@ -163,9 +177,13 @@ def _wait_and_collect(client: redis.Redis, run_id: str, out: Path | None,
 
     settings = _settings()
     try:
-        wait_for_run(client, run_id, timeout=timeout,
-                     repair=lambda: repair_stalled(app, client, run_id),
-                     stall_after=settings.visibility_timeout + 20)
+        wait_for_run(
+            client,
+            run_id,
+            timeout=timeout,
+            repair=lambda: repair_stalled(app, client, run_id),
+            stall_after=settings.visibility_timeout + 20,
+        )
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None
     target = out or Path("out") / f"{run_id}.csv"
@@ -178,23 +196,42 @@ def _wait_and_collect(client: redis.Redis, run_id: str, out: Path | None,
 
 @main.command(name="collect")
 @click.argument("run_id")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="User-profile CSV to write (optional with --xml).")
-@click.option("--profiles", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Course profile.csv to fill in (keeps all its rows and columns).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="User-profile CSV to write (optional with --xml).",
+)
+@click.option(
+    "--profiles",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Course profile.csv to fill in (keeps all its rows and columns).",
+)
 @click.option("--partial", is_flag=True, help="Write what there is even if the run is incomplete.")
-@click.option("--xml", "xml_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Also write the course's <userid>.xml files into this folder.")
-@click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="With --xml: training profile.csv for age group and traits (course means).")
-def collect_cmd(run_id: str, out: Path | None, profiles: Path | None, partial: bool,
-                xml_dir: Path | None, baseline: Path | None) -> None:
+@click.option(
+    "--xml",
+    "xml_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write the course's <userid>.xml files into this folder.",
+)
+@click.option(
+    "--baseline",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --xml: training profile.csv for age group and traits (course means).",
+)
+def collect_cmd(
+    run_id: str,
+    out: Path | None,
+    profiles: Path | None,
+    partial: bool,
+    xml_dir: Path | None,
+    baseline: Path | None,
+) -> None:
     """Write the user-profile CSV of RUN_ID (and <name>.errors.csv beside it), the course's
     <userid>.xml files, or both."""
     from producer.collect import IncompleteRun, write_outputs
     from producer.course_xml import read_baseline, write_course_xml
-    from producer.profiles import LabelsError
     from worker.ids import InvalidUserid
+    from worker.labels import LabelsError
 
     if out is None and xml_dir is None:
         raise click.UsageError("give --out CSV, --xml DIR, or both")
@@ -235,16 +272,23 @@ def _load_run(client: redis.Redis, run_id: str, partial: bool) -> RunData:
 
 @main.command()
 @click.argument("run_id")
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="userid,gender CSV or the course's profile.csv: adds accuracy.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to write index.html into.")
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="userid,gender CSV or the course's profile.csv: adds accuracy.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to write index.html into.",
+)
 @click.option("--partial", is_flag=True, help="Report on a run that is not complete yet.")
 def report(run_id: str, labels: Path | None, out: Path, partial: bool) -> None:
     """Write an HTML report of RUN_ID: facts, plots, errors and, with --labels, accuracy."""
     from producer.collect import IncompleteRun
-    from producer.profiles import LabelsError, read_labels
     from producer.report import build_report
+    from worker.labels import LabelsError, read_labels
     from worker.model import ModelError, read_metadata
 
     client = _redis()
@@ -257,16 +301,19 @@ def report(run_id: str, labels: Path | None, out: Path, partial: bool) -> None:
             except ModelError as exc:
                 log.warning("%s", exc)
         if model_meta is None:
-            log.warning("no metadata for model %s: created_at and validation accuracy unknown",
-                        data.meta.get("model", "?"))
+            log.warning(
+                "no metadata for model %s: created_at and validation accuracy unknown",
+                data.meta.get("model", "?"),
+            )
         genders = None
         if labels is not None:
             parsed = read_labels(labels)
             if parsed.skipped:
                 click.echo(f"{labels}: {len(parsed.skipped)} rows skipped", err=True)
             genders = parsed.genders
-        path = build_report(data, out, genders, model_meta,
-                            labels_name=labels.name if labels else None)
+        path = build_report(
+            data, out, genders, model_meta, labels_name=labels.name if labels else None
+        )
     except (IncompleteRun, KeyError, LabelsError) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
     click.echo(str(path))
@@ -284,8 +331,11 @@ def status(run_id: str | None, limit: int) -> None:
 
 @main.command()
 @click.argument("run_id")
-@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Picture folder, when Redis lost the run's metadata.")
+@click.option(
+    "--images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Picture folder, when Redis lost the run's metadata.",
+)
 @click.option("--model", type=click.Path(path_type=Path), help="Model, when Redis lost it.")
 def reconcile(run_id: str, images: Path | None, model: Path | None) -> None:
     """Re-enqueue every userid of RUN_ID with neither a prediction nor an error."""

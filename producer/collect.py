@@ -15,10 +15,10 @@ from pathlib import Path
 
 import redis
 
-from producer.files import errors_path, write_csv_atomic
-from producer.profiles import encode_gender_like, read_table
+from worker.files import errors_path, write_csv_atomic
 from worker.keys import run_keys
-from worker.results import Prediction, decode_prediction
+from worker.labels import encode_gender_like, read_table
+from worker.results import Prediction, decode_prediction, read_hash
 
 CSV_COLUMNS = ("userid", "gender", "p_female", "model", "scored_at")
 SCAN_COUNT = 5000  # HSCAN page size: large pages, few round trips
@@ -58,7 +58,7 @@ def _hscan(client: redis.Redis, key: str) -> Iterator[tuple[str, str]]:
 def load_run(client: redis.Redis, run_id: str) -> RunData:
     """Read a run's predictions, errors and missing userids."""
     keys = run_keys(run_id)
-    meta = client.hgetall(keys.meta)
+    meta = read_hash(client, keys.meta)
     if not meta:
         raise KeyError(f"no run {run_id!r} in Redis (see `genderscore status`)")
     predictions = {uid: decode_prediction(v) for uid, v in _hscan(client, keys.pred)}

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.collect import RunData
-from producer.files import write_atomic
-from producer.profiles import LabelsError, read_table
+from worker.files import write_atomic
 from worker.ids import check_userid
+from worker.labels import LabelsError, read_table
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,13 @@ class Baseline:
 # The course's example values (ORIGIN.md), used when no training profile is given.
 DEFAULT_BASELINE = Baseline(
     age_group="xx-24",
-    traits={"extrovert": 3.49, "neurotic": 2.73, "agreeable": 3.58,
-            "conscientious": 3.45, "open": 3.91},
+    traits={
+        "extrovert": 3.49,
+        "neurotic": 2.73,
+        "agreeable": 3.58,
+        "conscientious": 3.45,
+        "open": 3.91,
+    },
 )
 
 
@@ -106,9 +111,14 @@ def read_baseline(profile_csv: Path) -> Baseline:
         raise LabelsError(f"{profile_csv} has no numeric value for: {', '.join(empty)}")
     majority = max(AGE_GROUPS, key=lambda g: (groups[g], -AGE_GROUPS.index(g)))
     traits = {attr: sums[attr] / counts[attr] for attr in columns}
-    log.info("baseline from %s: age_group %s (%d of %d rows), traits %s", profile_csv,
-             majority, groups[majority], sum(groups.values()),
-             {k: round(v, 3) for k, v in traits.items()})
+    log.info(
+        "baseline from %s: age_group %s (%d of %d rows), traits %s",
+        profile_csv,
+        majority,
+        groups[majority],
+        sum(groups.values()),
+        {k: round(v, 3) for k, v in traits.items()},
+    )
     return Baseline(majority, traits, source=str(profile_csv))
 
 
@@ -133,6 +143,11 @@ def write_course_xml(data: RunData, out_dir: Path, baseline: Baseline | None = N
     for userid, prediction in sorted(data.predictions.items()):
         check_userid(userid)  # the name becomes a file name: never let it leave out_dir
         write_atomic(out_dir / f"{userid}.xml", user_xml(userid, prediction.gender, chosen))
-    log.info("run %s: %d XML files in %s (baseline: %s)", data.run_id,
-             len(data.predictions), out_dir, chosen.source)
+    log.info(
+        "run %s: %d XML files in %s (baseline: %s)",
+        data.run_id,
+        len(data.predictions),
+        out_dir,
+        chosen.source,
+    )
     return len(data.predictions)

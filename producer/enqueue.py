@@ -60,8 +60,14 @@ def add_new_ids(client: redis.Redis, run_id: str, userids: Sequence[str]) -> lis
     return new
 
 
-def publish(app: Celery, run_id: str, userids: Sequence[str], images_dir: Path, model: Path,
-            progress: Callable[[int], None] | None = None) -> None:
+def publish(
+    app: Celery,
+    run_id: str,
+    userids: Sequence[str],
+    images_dir: Path,
+    model: Path,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Publish one score task per userid, in pipelined batches."""
     with app.producer_or_acquire() as producer:
         for chunk in _chunks(userids, CHUNK):
@@ -90,11 +96,15 @@ def enqueue_run(
     """Create (or extend) a run and enqueue every userid not already in it."""
     run_id = check_run_id(run_id or new_run_id())
     unique = list(dict.fromkeys(check_userid(u) for u in userids))
-    create_run(client, run_id, {
-        "images_dir": str(images_dir.resolve()),
-        "model": str(model.resolve()),
-        "model_sha": model_sha,
-    })
+    create_run(
+        client,
+        run_id,
+        {
+            "images_dir": str(images_dir.resolve()),
+            "model": str(model.resolve()),
+            "model_sha": model_sha,
+        },
+    )
     new = add_new_ids(client, run_id, unique)
     publish(app, run_id, new, images_dir.resolve(), model.resolve(), progress)
     total = int(client.scard(run_keys(run_id).ids))

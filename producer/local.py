@@ -29,7 +29,7 @@ def score_local(
     """Score every userid's picture in this process; return it as a run's data."""
     from worker.ids import picture_path
     from worker.model import load_bundle
-    from worker.scoring import Failed, prepare, predict_raw, to_outcome
+    from worker.scoring import Failed, predict_raw, prepare, to_outcome
 
     bundle = load_bundle(model_path, tf_threads=cpu_count())
     size = batch_size or settings.batch_size
@@ -66,8 +66,11 @@ def score_local(
             if progress:
                 progress(len(prepared))
     meta = {
-        "model": str(model_path), "model_sha": bundle.sha256, "images_dir": str(images_dir),
-        "started_at": f"{started:.3f}", "finished_at": f"{time.time():.3f}",
+        "model": str(model_path),
+        "model_sha": bundle.sha256,
+        "images_dir": str(images_dir),
+        "started_at": f"{started:.3f}",
+        "finished_at": f"{time.time():.3f}",
         "total": str(len(items)),
     }
     return RunData("local", meta, predictions, errors)

@@ -89,16 +89,20 @@ class RunsCollector(Collector):
             for name, value in values.items():
                 runs[name].add_metric(labels, value)
         lengths = queue_lengths(self.client)
-        waiting = GaugeMetricFamily("genderscore_queue_length", "Messages waiting in the queue.",
-                                    labels=["queue"])
+        waiting = GaugeMetricFamily(
+            "genderscore_queue_length", "Messages waiting in the queue.", labels=["queue"]
+        )
         unacked = GaugeMetricFamily(
             "genderscore_queue_unacked",
-            "Messages delivered to a worker and not yet acknowledged.", labels=["queue"])
+            "Messages delivered to a worker and not yet acknowledged.",
+            labels=["queue"],
+        )
         for queue in (SCORE_QUEUE, TRAINING_QUEUE):
             waiting.add_metric([queue], lengths[queue])
             unacked.add_metric([queue], lengths[f"unacked ({queue})"])
-        nightly = GaugeMetricFamily("genderscore_nightly_running",
-                                    "1 while a nightly run holds its lock.")
+        nightly = GaugeMetricFamily(
+            "genderscore_nightly_running", "1 while a nightly run holds its lock."
+        )
         nightly.add_metric([], int(bool(self.client.exists(nightly_lock()))))
         return [*runs.values(), waiting, unacked, nightly]
 
@@ -112,10 +116,19 @@ def make_registry(client: redis.Redis, runs: int = 20) -> CollectorRegistry:
 
 @click.command()
 @click.option("--port", default=DEFAULT_PORT, show_default=True, help="Port to serve /metrics.")
-@click.option("--addr", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0 in a container).")
-@click.option("--runs", default=20, show_default=True, type=click.IntRange(1, 1000),
-              help="Newest runs to export.")
+@click.option(
+    "--addr",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 in a container).",
+)
+@click.option(
+    "--runs",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Newest runs to export.",
+)
 def metrics(port: int, addr: str, runs: int) -> None:
     """Serve Prometheus metrics of runs and queues at http://ADDR:PORT/metrics."""
     from producer.cli import _redis

@@ -31,10 +31,10 @@ from celery.utils.log import get_task_logger
 
 from producer.collect import Collected, collect
 from producer.enqueue import enqueue_run, new_run_id
-from producer.files import errors_path, write_atomic
 from producer.newness import only_new_userids
 from producer.scan import scan_pictures
 from worker.celery import SCORE_QUEUE, app
+from worker.files import errors_path, write_atomic
 from worker.keys import nightly_lock
 from worker.model import check_h5_config, read_metadata, verify_model_file
 from worker.results import connect, run_counts
@@ -100,8 +100,13 @@ class NightlyConfig:
         """
         if s.nightly_images_dir is None:
             raise ValueError("GENDERSCORE_NIGHTLY_IMAGES_DIR is not set")
-        return cls(str(s.nightly_images_dir.resolve()), str(s.nightly_output_dir.resolve()),
-                   str(s.model.resolve()), s.nightly_lock_seconds, s.nightly_poll_seconds)
+        return cls(
+            str(s.nightly_images_dir.resolve()),
+            str(s.nightly_output_dir.resolve()),
+            str(s.model.resolve()),
+            s.nightly_lock_seconds,
+            s.nightly_poll_seconds,
+        )
 
 
 def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
@@ -120,6 +125,7 @@ def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
 
 
 # --- the lock -------------------------------------------------------------------------
+
 
 def acquire_lock(client: redis.Redis, run_id: str, task_id: str, seconds: int) -> str | None:
     """Take the nightly lock for ``run_id``; the run id to go on with, or None if held.
@@ -150,6 +156,7 @@ def release_lock(client: redis.Redis, run_id: str, task_id: str) -> bool:
 
 # --- the run ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class NightlyStart:
     """What ``start_nightly`` did: ``locked``, ``nothing_new`` or ``started``."""
@@ -160,8 +167,9 @@ class NightlyStart:
     skipped: int = 0
 
 
-def start_nightly(celery_app: Celery, client: redis.Redis, config: NightlyConfig,
-                  task_id: str) -> NightlyStart:
+def start_nightly(
+    celery_app: Celery, client: redis.Redis, config: NightlyConfig, task_id: str
+) -> NightlyStart:
     """Take the lock, find the new or changed pictures and enqueue them as one run.
 
     The lock stays held when a run starts (``finish_nightly`` releases it); it is
@@ -169,8 +177,9 @@ def start_nightly(celery_app: Celery, client: redis.Redis, config: NightlyConfig
     """
     run_id = acquire_lock(client, f"nightly-{new_run_id()}", task_id, config.lock_seconds)
     if run_id is None:
-        log.info("nightly: run %s still holds the lock; this one is skipped",
-                 lock_holder(client) or "?")
+        log.info(
+            "nightly: run %s still holds the lock; this one is skipped", lock_holder(client) or "?"
+        )
         return NightlyStart("locked")
     try:
         model = Path(config.model)
@@ -179,20 +188,32 @@ def start_nightly(celery_app: Celery, client: redis.Redis, config: NightlyConfig
         images_dir = Path(config.images_dir)
         scan = scan_pictures(images_dir)
         if scan.skipped:
-            log.warning("nightly: %d files of %s are not <userid>.jpg, skipped (first: %s)",
-                        len(scan.skipped), images_dir, scan.skipped[0][0])
+            log.warning(
+                "nightly: %d files of %s are not <userid>.jpg, skipped (first: %s)",
+                len(scan.skipped),
+                images_dir,
+                scan.skipped[0][0],
+            )
         userids, unchanged = only_new_userids(client, sha, images_dir, scan.userids)
         if not userids:
-            log.info("nightly: nothing new in %s (%d pictures, all scored by model %s)",
-                     images_dir, unchanged, sha[:12])
+            log.info(
+                "nightly: nothing new in %s (%d pictures, all scored by model %s)",
+                images_dir,
+                unchanged,
+                sha[:12],
+            )
             release_lock(client, run_id, task_id)
             return NightlyStart("nothing_new", skipped=unchanged)
         result = enqueue_run(celery_app, client, images_dir, model, sha, userids, run_id)
     except BaseException:
         release_lock(client, run_id, task_id)
         raise
-    log.info("nightly: run %s started: %d new or changed pictures enqueued, %d unchanged",
-             run_id, result.published, unchanged)
+    log.info(
+        "nightly: run %s started: %d new or changed pictures enqueued, %d unchanged",
+        run_id,
+        result.published,
+        unchanged,
+    )
     return NightlyStart("started", run_id, result.published, unchanged)
 
 
@@ -201,20 +222,21 @@ def nightly_csv(output_dir: Path, run_id: str, started_at: float) -> Path:
     return output_dir / f"{datetime.fromtimestamp(started_at, UTC):%Y-%m-%d}-{run_id}.csv"
 
 
-def write_nightly_outputs(client: redis.Redis, run_id: str, output_dir: Path,
-                          partial: bool = False) -> Collected:
+def write_nightly_outputs(
+    client: redis.Redis, run_id: str, output_dir: Path, partial: bool = False
+) -> Collected:
     """Collect the run into its dated CSV, then replace ``latest.csv`` with a copy."""
     started_at = float(run_counts(client, run_id).meta.get("started_at") or time.time())
-    written = collect(client, run_id, nightly_csv(output_dir, run_id, started_at),
-                      partial=partial)
+    written = collect(client, run_id, nightly_csv(output_dir, run_id, started_at), partial=partial)
     # Errors file first: a reader that sees the new latest.csv sees its errors too.
     write_atomic(errors_path(output_dir / LATEST), written.errors_path.read_bytes())
     write_atomic(output_dir / LATEST, written.csv_path.read_bytes())
     return written
 
 
-def finish_nightly(client: redis.Redis, run_id: str, task_id: str, output_dir: Path,
-                   deadline: float) -> Collected | None:
+def finish_nightly(
+    client: redis.Redis, run_id: str, task_id: str, output_dir: Path, deadline: float
+) -> Collected | None:
     """Write the run's CSVs and release the lock once it is finished (or past ``deadline``).
 
     None while the run is still going.
@@ -224,24 +246,41 @@ def finish_nightly(client: redis.Redis, run_id: str, task_id: str, output_dir: P
     if not counts.finished and not late:
         return None
     if not counts.finished:
-        log.error("nightly: run %s still has %d pending pictures at its deadline; "
-                  "collecting what there is (see `genderscore reconcile %s`)",
-                  run_id, counts.pending, run_id)
+        log.error(
+            "nightly: run %s still has %d pending pictures at its deadline; "
+            "collecting what there is (see `genderscore reconcile %s`)",
+            run_id,
+            counts.pending,
+            run_id,
+        )
     try:
         written = write_nightly_outputs(client, run_id, output_dir, partial=not counts.finished)
     finally:
         if not release_lock(client, run_id, task_id):
             log.warning("nightly: run %s no longer held the lock (expired)", run_id)
-    log.info("nightly: run %s done: %d scored, %d errors -> %s (and %s)", run_id,
-             written.scored, written.errors, written.csv_path, output_dir / LATEST)
+    log.info(
+        "nightly: run %s done: %d scored, %d errors -> %s (and %s)",
+        run_id,
+        written.scored,
+        written.errors,
+        written.csv_path,
+        output_dir / LATEST,
+    )
     return written
 
 
 # --- tasks -----------------------------------------------------------------------------
 
+
 @app.task(name=NIGHTLY_TASK, bind=True, ignore_result=True)
-def nightly(self: Task[Any, Any], images_dir: str, output_dir: str, model: str,
-            lock_seconds: int, poll_seconds: float) -> dict[str, Any]:
+def nightly(
+    self: Task[Any, Any],
+    images_dir: str,
+    output_dir: str,
+    model: str,
+    lock_seconds: int,
+    poll_seconds: float,
+) -> dict[str, Any]:
     """Start tonight's run of new and changed pictures, unless one is in progress."""
     config = NightlyConfig(images_dir, output_dir, model, lock_seconds, poll_seconds)
     task_id = str(self.request.id)
@@ -257,13 +296,20 @@ def nightly(self: Task[Any, Any], images_dir: str, output_dir: str, model: str,
 
 
 @app.task(name=FINISH_TASK, bind=True, ignore_result=True)
-def nightly_finish(self: Task[Any, Any], run_id: str, task_id: str, output_dir: str,
-                   deadline: float, poll_seconds: float) -> str:
+def nightly_finish(
+    self: Task[Any, Any],
+    run_id: str,
+    task_id: str,
+    output_dir: str,
+    deadline: float,
+    poll_seconds: float,
+) -> str:
     """Write the nightly CSVs once the run is finished; checks again later until it is."""
     written = finish_nightly(connect(), run_id, task_id, Path(output_dir), deadline)
     if written is None:
-        self.apply_async((run_id, task_id, output_dir, deadline, poll_seconds),
-                         countdown=poll_seconds)
+        self.apply_async(
+            (run_id, task_id, output_dir, deadline, poll_seconds), countdown=poll_seconds
+        )
         return "pending"
     return str(written.csv_path)
 
@@ -293,8 +339,12 @@ def _check_schedule(sender: Any = None, **_: Any) -> None:
     if entry is None:
         beat_log.warning("nightly: GENDERSCORE_NIGHTLY_IMAGES_DIR is not set: no nightly run")
     else:
-        beat_log.info("nightly: %s on %s (UTC) -> %s", entry["kwargs"]["images_dir"],
-                      settings.nightly_cron, entry["kwargs"]["output_dir"])
+        beat_log.info(
+            "nightly: %s on %s (UTC) -> %s",
+            entry["kwargs"]["images_dir"],
+            settings.nightly_cron,
+            entry["kwargs"]["output_dir"],
+        )
 
 
 _install_schedule()

@@ -19,7 +19,7 @@ from producer.enqueue import add_new_ids, publish
 from producer.scan import scan_pictures
 from worker.keys import run_keys
 from worker.model import ModelError, read_metadata, verify_model_file
-from worker.results import create_run, seal_run
+from worker.results import create_run, read_hash, seal_run
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,15 @@ def unsettled(client: redis.Redis, run_id: str) -> list[str]:
 
 
 def reconcile_run(
-    app: Celery, client: redis.Redis, run_id: str,
-    images_dir: Path | None = None, model: Path | None = None,
+    app: Celery,
+    client: redis.Redis,
+    run_id: str,
+    images_dir: Path | None = None,
+    model: Path | None = None,
 ) -> int:
     """Re-enqueue the run's unsettled userids; return how many were published."""
     keys = run_keys(run_id)
-    meta = client.hgetall(keys.meta)
+    meta = read_hash(client, keys.meta)
     images = images_dir or (Path(meta["images_dir"]) if "images_dir" in meta else None)
     model_path = model or (Path(meta["model"]) if "model" in meta else None)
     if images is None or model_path is None:
@@ -54,8 +57,11 @@ def reconcile_run(
         sha = verify_model_file(model_path, read_metadata(model_path))
     except ModelError as exc:
         raise ReconcileError(str(exc)) from None
-    create_run(client, run_id, {"images_dir": str(images.resolve()),
-                                "model": str(model_path.resolve()), "model_sha": sha})
+    create_run(
+        client,
+        run_id,
+        {"images_dir": str(images.resolve()), "model": str(model_path.resolve()), "model_sha": sha},
+    )
     if images_dir is not None or not client.exists(keys.ids):
         # The id set may be lost or partial: the folder is the source of truth.
         added = add_new_ids(client, run_id, scan_pictures(images).userids)
@@ -79,7 +85,7 @@ def repair_stalled(app: Celery, client: redis.Redis, run_id: str) -> int:
     if lengths["score"] or lengths["unacked (score)"]:
         return 0
     keys = run_keys(run_id)
-    meta = client.hgetall(keys.meta)
+    meta = read_hash(client, keys.meta)
     todo = unsettled(client, run_id)
     if todo and "images_dir" in meta and "model" in meta:
         log.warning("run %s stalled: re-enqueueing %d userids lost in transit", run_id, len(todo))

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from producer.collect import RunData, iso
-from producer.files import write_atomic
-from producer.profiles import LabelsError
+from worker.files import write_atomic
+from worker.labels import LabelsError
 from worker.results import Prediction
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,10 @@ def evaluate(data: RunData, labels: Mapping[str, str]) -> Evaluation:
         band_correct[index] += truth == prediction.gender
     truths = Counter(truth for truth, _ in pairs)
     majority, majority_users = max(sorted(truths.items()), key=lambda item: item[1])
-    bands = [Band(BAND_EDGES[i], BAND_EDGES[i + 1], band_users[i], band_correct[i])
-             for i in range(len(band_users))]
+    bands = [
+        Band(BAND_EDGES[i], BAND_EDGES[i + 1], band_users[i], band_correct[i])
+        for i in range(len(band_users))
+    ]
     return Evaluation(
         users=len(pairs),
         correct=sum(confusion[(g, g)] for g in GENDERS),
@@ -189,6 +191,7 @@ def error_kind(reason: str) -> str:
 
 
 # -- plots -------------------------------------------------------------------------
+
 
 def _figure(width: float = 6.0, height: float = 3.2) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -218,8 +221,9 @@ def plot_p_female(values: Sequence[float], threshold: float = 0.5) -> bytes:
     return _png(figure)
 
 
-def throughput_bins(times: Sequence[float], start: float, max_bins: int = 60
-                    ) -> tuple[int, list[int]]:
+def throughput_bins(
+    times: Sequence[float], start: float, max_bins: int = 60
+) -> tuple[int, list[int]]:
     """Bin width (whole seconds) and predictions per bin, counted from ``start``.
 
     Whole-second bins, because ``scored_at`` has one-second resolution.
@@ -266,8 +270,9 @@ def plot_bands(bands: Sequence[Band]) -> bytes:
     names = [f"{b.low:.1f}-{b.high:.1f}" for b in bands]
     axes.bar(names, [b.accuracy or 0.0 for b in bands], color="#003f5c")
     for index, band in enumerate(bands):
-        axes.annotate(f"n={band.users}", (index, (band.accuracy or 0.0) + 0.02),
-                      ha="center", fontsize=8)
+        axes.annotate(
+            f"n={band.users}", (index, (band.accuracy or 0.0) + 0.02), ha="center", fontsize=8
+        )
     axes.set_ylim(0, 1.1)
     axes.set_xlabel("|p_female - 0.5|")
     axes.set_ylabel("accuracy")
@@ -322,13 +327,17 @@ def _row(key: str, label: str, value: object) -> str:
 def facts_html(facts: RunFacts) -> str:
     """The facts table."""
     rate = facts.images_per_s
-    finished = _when(facts.finished_at) + (" (last prediction; run not finished)"
-                                           if facts.finished_estimated else "")
+    finished = _when(facts.finished_at) + (
+        " (last prediction; run not finished)" if facts.finished_estimated else ""
+    )
     rows = [
         _row("model_sha", "model sha256", facts.model_sha or "unknown"),
         _row("model_created_at", "model created", facts.model_created_at or "unknown"),
-        _row("val_accuracy", "model validation accuracy",
-             "unknown" if facts.val_accuracy is None else f"{facts.val_accuracy:.4f}"),
+        _row(
+            "val_accuracy",
+            "model validation accuracy",
+            "unknown" if facts.val_accuracy is None else f"{facts.val_accuracy:.4f}",
+        ),
         _row("total", "pictures", facts.total),
         _row("scored", "scored", facts.scored),
         _row("errors", "errors", facts.errors),
@@ -346,25 +355,32 @@ def facts_html(facts: RunFacts) -> str:
 
 def evaluation_html(result: Evaluation) -> str:
     """Accuracy, baseline, confusion matrix and band tables."""
-    summary = "".join([
-        _row("labelled_users", "labelled scored users", result.users),
-        _row("accuracy", "accuracy", f"{result.accuracy:.4f}"),
-        _row("majority_baseline", f"majority baseline (always {result.majority_class})",
-             f"{result.majority_accuracy:.4f}"),
-        _row("labelled_errors", "labelled users not scored (errors)", result.labelled_errors),
-        _row("unlabelled", "scored users without a label", result.unlabelled),
-    ])
+    summary = "".join(
+        [
+            _row("labelled_users", "labelled scored users", result.users),
+            _row("accuracy", "accuracy", f"{result.accuracy:.4f}"),
+            _row(
+                "majority_baseline",
+                f"majority baseline (always {result.majority_class})",
+                f"{result.majority_accuracy:.4f}",
+            ),
+            _row("labelled_errors", "labelled users not scored (errors)", result.labelled_errors),
+            _row("unlabelled", "scored users without a label", result.unlabelled),
+        ]
+    )
     head = "".join(f"<th>predicted {g}</th>" for g in GENDERS)
     body = "".join(
         f"<tr><th>true {t}</th>"
-        + "".join(f'<td class="num" data-key="confusion_{t}_{g}">{result.confusion[(t, g)]}</td>'
-                  for g in GENDERS)
+        + "".join(
+            f'<td class="num" data-key="confusion_{t}_{g}">{result.confusion[(t, g)]}</td>'
+            for g in GENDERS
+        )
         + "</tr>"
         for t in GENDERS
     )
     bands = "".join(
         f'<tr data-key="band_{i}"><td>{b.low:.1f} &le; |p &minus; 0.5| '
-        f'{"&le;" if i == len(result.bands) - 1 else "&lt;"} {b.high:.1f}</td>'
+        f"{'&le;' if i == len(result.bands) - 1 else '&lt;'} {b.high:.1f}</td>"
         f'<td class="num">{b.users}</td><td class="num">{_pct(b.accuracy)}</td></tr>'
         for i, b in enumerate(result.bands)
     )
@@ -381,8 +397,9 @@ def errors_html(errors: Mapping[str, str], limit: int = ERROR_ROWS) -> str:
     if not errors:
         return "<p>No errors.</p>"
     items = sorted(errors.items())
-    rows = "".join(f"<tr><td><code>{_e(u)}</code></td><td>{_e(r)}</td></tr>"
-                   for u, r in items[:limit])
+    rows = "".join(
+        f"<tr><td><code>{_e(u)}</code></td><td>{_e(r)}</td></tr>" for u, r in items[:limit]
+    )
     rest = len(items) - limit
     more = ""
     if rest > 0:
@@ -390,8 +407,9 @@ def errors_html(errors: Mapping[str, str], limit: int = ERROR_ROWS) -> str:
     return f"<table><tr><th>userid</th><th>reason</th></tr>{rows}</table>{more}"
 
 
-def render_html(data: RunData, facts: RunFacts, result: Evaluation | None,
-                labels_name: str | None = None) -> str:
+def render_html(
+    data: RunData, facts: RunFacts, result: Evaluation | None, labels_name: str | None = None
+) -> str:
     """The whole page."""
     predictions: list[Prediction] = list(data.predictions.values())
     plots = []
@@ -400,34 +418,49 @@ def render_html(data: RunData, facts: RunFacts, result: Evaluation | None,
         start = facts.started_at
         if start is None:
             start = min(p.scored_at for p in predictions)
-        plots.append(_img(plot_throughput([p.scored_at for p in predictions], start),
-                          "throughput"))
+        plots.append(_img(plot_throughput([p.scored_at for p in predictions], start), "throughput"))
     kinds = Counter(error_kind(r) for r in data.errors.values())
     if kinds:
         plots.append(_img(plot_errors(kinds), "errors by type"))
     parts = [
-        f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>genderscore run {_e(data.run_id)}</title><style>{CSS}</style></head><body>",
         f"<h1>genderscore run <code>{_e(data.run_id)}</code></h1>",
         f'<p class="note">Generated {_e(iso(time.time()))}.</p>',
-        "<h2>Run</h2>", facts_html(facts),
-        '<h2>Plots</h2><div class="plots">', *plots, "</div>",
+        "<h2>Run</h2>",
+        facts_html(facts),
+        '<h2>Plots</h2><div class="plots">',
+        *plots,
+        "</div>",
     ]
     if result is not None:
-        parts += [f"<h2>Against labels <code>{_e(labels_name or '')}</code></h2>",
-                  evaluation_html(result), '<div class="plots">',
-                  _img(plot_bands(result.bands), "accuracy per confidence band"), "</div>"]
+        parts += [
+            f"<h2>Against labels <code>{_e(labels_name or '')}</code></h2>",
+            evaluation_html(result),
+            '<div class="plots">',
+            _img(plot_bands(result.bands), "accuracy per confidence band"),
+            "</div>",
+        ]
     if kinds:
-        parts.append("<h2>Errors by type</h2><table>" + "".join(
-            f'<tr data-key="kind_{_e(k)}"><th>{_e(k)}</th><td class="num">{n}</td></tr>'
-            for k, n in sorted(kinds.items(), key=lambda item: (-item[1], item[0]))) + "</table>")
+        parts.append(
+            "<h2>Errors by type</h2><table>"
+            + "".join(
+                f'<tr data-key="kind_{_e(k)}"><th>{_e(k)}</th><td class="num">{n}</td></tr>'
+                for k, n in sorted(kinds.items(), key=lambda item: (-item[1], item[0]))
+            )
+            + "</table>"
+        )
     parts += ["<h2>Errors</h2>", errors_html(data.errors), "</body></html>\n"]
     return "\n".join(parts)
 
 
-def build_report(data: RunData, out_dir: Path, labels: Mapping[str, str] | None = None,
-                 model_meta: Mapping[str, Any] | None = None,
-                 labels_name: str | None = None) -> Path:
+def build_report(
+    data: RunData,
+    out_dir: Path,
+    labels: Mapping[str, str] | None = None,
+    model_meta: Mapping[str, Any] | None = None,
+    labels_name: str | None = None,
+) -> Path:
     """Write ``<out_dir>/index.html`` for a run; return its path.
 
     ``labels`` maps userid -> "male"/"female" (``read_labels(...).genders``);
@@ -436,9 +469,12 @@ def build_report(data: RunData, out_dir: Path, labels: Mapping[str, str] | None 
     run_sha = data.meta.get("model_sha")
     meta_sha = (model_meta or {}).get("sha256")
     if model_meta and run_sha and meta_sha != run_sha:
-        log.warning("model metadata sha256 %s is not the run's model %s (the file was replaced "
-                    "since the run): its created_at and val_accuracy are left out",
-                    str(meta_sha)[:12], run_sha[:12])
+        log.warning(
+            "model metadata sha256 %s is not the run's model %s (the file was replaced "
+            "since the run): its created_at and val_accuracy are left out",
+            str(meta_sha)[:12],
+            run_sha[:12],
+        )
         model_meta = None
     facts = run_facts(data, model_meta)
     result = evaluate(data, labels) if labels is not None else None

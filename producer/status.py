@@ -9,7 +9,7 @@ import redis
 
 from worker.celery import SCORE_QUEUE, TRAINING_QUEUE, app
 from worker.keys import prefix, runs_index, training_index, training_progress
-from worker.results import RunCounts, run_counts
+from worker.results import RunCounts, read_hash, run_counts
 
 
 def _when(value: str | None) -> str:
@@ -22,17 +22,24 @@ def run_row(counts: RunCounts) -> list[str]:
     """One table row for a run."""
     meta = counts.meta
     return [
-        counts.run_id, str(max(counts.total, counts.enqueued)), str(counts.done),
-        str(counts.errors), str(counts.pending), meta.get("model_sha", "")[:12] or "-",
-        _when(meta.get("started_at")), _when(meta.get("finished_at")),
+        counts.run_id,
+        str(max(counts.total, counts.enqueued)),
+        str(counts.done),
+        str(counts.errors),
+        str(counts.pending),
+        meta.get("model_sha", "")[:12] or "-",
+        _when(meta.get("started_at")),
+        _when(meta.get("finished_at")),
     ]
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A plain text table with aligned columns."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -58,7 +65,7 @@ def live_workers(timeout: float = 1.0) -> list[str]:
 
 def render_status(client: redis.Redis, run_id: str | None = None, limit: int = 10) -> str:
     """The whole status view as text."""
-    run_ids = [run_id] if run_id else list(client.zrevrange(runs_index(), 0, limit - 1))
+    run_ids = [run_id] if run_id else [str(r) for r in client.zrevrange(runs_index(), 0, limit - 1)]
     header = ["run", "total", "done", "errors", "pending", "model", "started", "finished"]
     rows = [run_row(run_counts(client, r)) for r in run_ids]
     parts = [table(header, rows) if rows else "no runs"]
@@ -66,18 +73,23 @@ def render_status(client: redis.Redis, run_id: str | None = None, limit: int = 1
     parts.append("queues: " + ", ".join(f"{k} {v}" for k, v in queues.items()))
     workers = live_workers()
     parts.append(f"workers ({len(workers)}): " + (", ".join(workers) or "none answering"))
-    trains = list(client.zrevrange(training_index(), 0, 4))
+    trains = [str(t) for t in client.zrevrange(training_index(), 0, 4)]
     if trains:
         train_rows = []
         for task_id in trains:
-            info = client.hgetall(training_progress(task_id))
-            train_rows.append([
-                task_id[:12], info.get("state", "-"),
-                f"{info.get('epoch', '-')}/{info.get('epochs', '-')}",
-                info.get("val_accuracy", "-")[:6], info.get("val_loss", "-")[:6],
-                _when(info.get("updated_at")),
-            ])
-        parts.append(table(["training", "state", "epoch", "val_acc", "val_loss", "updated"],
-                           train_rows))
+            info = read_hash(client, training_progress(task_id))
+            train_rows.append(
+                [
+                    task_id[:12],
+                    info.get("state", "-"),
+                    f"{info.get('epoch', '-')}/{info.get('epochs', '-')}",
+                    info.get("val_accuracy", "-")[:6],
+                    info.get("val_loss", "-")[:6],
+                    _when(info.get("updated_at")),
+                ]
+            )
+        parts.append(
+            table(["training", "state", "epoch", "val_acc", "val_loss", "updated"], train_rows)
+        )
     parts.append(f"at {datetime.fromtimestamp(time.time(), UTC):%Y-%m-%d %H:%M:%S} UTC")
     return "\n\n".join(parts)

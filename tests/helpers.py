@@ -48,8 +48,13 @@ def jpeg_bytes(image: Image.Image, **options: Any) -> bytes:
     return buffer.getvalue()
 
 
-def make_pictures(folder: Path, count: int, start: int = 0, size: tuple[int, int] = (64, 64),
-                  female_share: float = 0.6) -> dict[str, str]:
+def make_pictures(
+    folder: Path,
+    count: int,
+    start: int = 0,
+    size: tuple[int, int] = (64, 64),
+    female_share: float = 0.6,
+) -> dict[str, str]:
     """Write ``count`` labelled pictures ``<userid>.jpg``; return userid -> gender."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = {}
@@ -70,15 +75,23 @@ def write_profiles(path: Path, labels: dict[str, str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def make_model_file(path: Path, image_size: int = 32, seed: int = 0,
-                    positive_class: str = "female") -> Path:
+def make_model_file(
+    path: Path, image_size: int = 32, seed: int = 0, positive_class: str = "female"
+) -> Path:
     """A small untrained genderscore CNN saved with metadata (random but fixed weights)."""
     from training.network import make_model
     from worker.model import save_model
 
     model = make_model(image_size=image_size, kernel_size=3, seed=seed)
-    save_model(model, path, {"positive_class": positive_class, "threshold": 0.5,
-                             "preprocessing": "rgb-exif-bilinear-div255-v1"})
+    save_model(
+        model,
+        path,
+        {
+            "positive_class": positive_class,
+            "threshold": 0.5,
+            "preprocessing": "rgb-exif-bilinear-div255-v1",
+        },
+    )
     return path
 
 
@@ -91,17 +104,38 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def celery_worker(queues: str = "score", concurrency: int = 2, extra_env: dict[str, str] | None = None,
-                  log_path: Path | None = None, name: str = "w1",
-                  extra_args: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
+def celery_worker(
+    queues: str = "score",
+    concurrency: int = 2,
+    extra_env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    name: str = "w1",
+    extra_args: Sequence[str] = (),
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``celery -A worker worker`` as a real subprocess until the block ends."""
     env = worker_env(extra_env)
     log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", queues,
-           "-c", str(concurrency), "--loglevel=INFO", "-n", f"{name}-{os.getpid()}@%h",
-           "--without-gossip", "--without-mingle", *extra_args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker",
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "--loglevel=INFO",
+        "-n",
+        f"{name}-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        *extra_args,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         wait_ready(proc, log_path)
         yield proc
@@ -127,7 +161,9 @@ def wait_ready(proc: subprocess.Popen[bytes], log_path: Path | None, timeout: fl
     raise RuntimeError("worker not ready in time")
 
 
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
+) -> None:
     """Stop a process group: ``sig`` first, SIGKILL if it lingers."""
     if proc.poll() is None:
         try:

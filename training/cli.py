@@ -2,7 +2,7 @@
 
 Training runs here, or with ``--submit`` on a training worker, followed epoch by epoch.
 This module imports quickly: TensorFlow, Celery and the training code load inside the
-commands that need them. Label errors are ``producer.profiles.LabelsError`` (the known
+commands that need them. Label errors are ``worker.labels.LabelsError`` (the known
 exception to training's import rule, see ``training.data``).
 """
 
@@ -33,42 +33,91 @@ def _epoch_line(epochs: int) -> Any:
 @click.command()
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", default=DEFAULT_OUT, show_default=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="Model .h5; <name>.json (metadata) and <name>.png (curves) go beside it.")
-@click.option("--epochs", default=25, show_default=True, type=click.IntRange(min=1),
-              help="Most epochs (training stops early when val_loss stops improving).")
+@click.option(
+    "--out",
+    default=DEFAULT_OUT,
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model .h5; <name>.json (metadata) and <name>.png (curves) go beside it.",
+)
+@click.option(
+    "--epochs",
+    default=25,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most epochs (training stops early when val_loss stops improving).",
+)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-size", default=150, show_default=True, type=click.IntRange(min=8),
-              help="Pictures are resized to this square.")
-@click.option("--val-fraction", default=0.1, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Share of each class held out for validation.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Seeds the split, the shuffling, the augmentation and the weights.")
+@click.option(
+    "--image-size",
+    default=150,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="Pictures are resized to this square.",
+)
+@click.option(
+    "--val-fraction",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Share of each class held out for validation.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seeds the split, the shuffling, the augmentation and the weights.",
+)
 @click.option("--kernel-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--optimizer", default="rmsprop", show_default=True, type=click.Choice(OPTIMIZERS))
-@click.option("--patience", default=5, show_default=True, type=click.IntRange(min=0),
-              help="Epochs without a better val_loss before stopping.")
-@click.option("--submit", is_flag=True,
-              help="Train on a training worker (queue 'training') and follow it here.")
-@click.option("--timeout", type=float,
-              help="With --submit: stop following after this many seconds.")
-def train(images_dir: Path, labels_csv: Path, out: Path, epochs: int, batch_size: int,
-          image_size: int, val_fraction: float, seed: int, kernel_size: int, optimizer: str,
-          patience: int, submit: bool, timeout: float | None) -> None:
+@click.option(
+    "--patience",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Epochs without a better val_loss before stopping.",
+)
+@click.option(
+    "--submit",
+    is_flag=True,
+    help="Train on a training worker (queue 'training') and follow it here.",
+)
+@click.option(
+    "--timeout", type=float, help="With --submit: stop following after this many seconds."
+)
+def train(
+    images_dir: Path,
+    labels_csv: Path,
+    out: Path,
+    epochs: int,
+    batch_size: int,
+    image_size: int,
+    val_fraction: float,
+    seed: int,
+    kernel_size: int,
+    optimizer: str,
+    patience: int,
+    submit: bool,
+    timeout: float | None,
+) -> None:
     """Train the CNN on IMAGES_DIR/<userid>.jpg labelled by LABELS_CSV (userid,gender)."""
     options: dict[str, Any] = {
-        "epochs": epochs, "batch_size": batch_size, "image_size": image_size,
-        "val_fraction": val_fraction, "seed": seed, "kernel_size": kernel_size,
-        "optimizer": optimizer, "patience": patience,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "kernel_size": kernel_size,
+        "optimizer": optimizer,
+        "patience": patience,
     }
     if submit:
         _submit(images_dir, labels_csv, out, options, timeout)
         return
-    from producer.profiles import LabelsError
     from training.data import TrainingError
     from training.train import train as train_model
+    from worker.labels import LabelsError
 
     try:
         result = train_model(images_dir, labels_csv, out, progress=_epoch_line(epochs), **options)
@@ -76,19 +125,23 @@ def train(images_dir: Path, labels_csv: Path, out: Path, epochs: int, batch_size
         raise click.ClickException(str(exc)) from None
     for line in result.report.lines():
         click.echo(line, err=True)
-    click.echo(f"model {result.model_path}, metadata {result.metadata_path.name}, "
-               f"curves {result.curves_path.name}", err=True)
+    click.echo(
+        f"model {result.model_path}, metadata {result.metadata_path.name}, "
+        f"curves {result.curves_path.name}",
+        err=True,
+    )
     click.echo(result.summary())
 
 
-def _submit(images_dir: Path, labels_csv: Path, out: Path, options: dict[str, Any],
-            timeout: float | None) -> None:
+def _submit(
+    images_dir: Path, labels_csv: Path, out: Path, options: dict[str, Any], timeout: float | None
+) -> None:
     """Send ``genderscore.train`` to the training queue and follow it to the end."""
     import redis
 
-    from producer.profiles import LabelsError, read_labels
     from training.tasks import TASK_NAME, ProgressRecorder
     from worker.celery import TRAINING_QUEUE, app
+    from worker.labels import LabelsError, read_labels
     from worker.results import connect
     from worker.settings import settings
 
@@ -111,13 +164,16 @@ def _submit(images_dir: Path, labels_csv: Path, out: Path, options: dict[str, An
     ProgressRecorder(client, result.id, options["epochs"]).write(
         {"state": "PENDING", "epoch": 0, "epochs": options["epochs"], "out": args[2]}
     )
-    click.echo(f"training task {result.id} sent to queue '{TRAINING_QUEUE}' "
-               f"({settings.key_prefix})", err=True)
+    click.echo(
+        f"training task {result.id} sent to queue '{TRAINING_QUEUE}' ({settings.key_prefix})",
+        err=True,
+    )
     follow_training(result, options["epochs"], timeout)
 
 
-def follow_training(result: Any, epochs: int, timeout: float | None,
-                    interval: float = POLL_SECONDS) -> dict[str, Any]:
+def follow_training(
+    result: Any, epochs: int, timeout: float | None, interval: float = POLL_SECONDS
+) -> dict[str, Any]:
     """Print each new epoch of a training task until it ends; return its result."""
     from training.train import format_epoch
 
@@ -139,8 +195,11 @@ def follow_training(result: Any, epochs: int, timeout: float | None,
                 click.echo(format_epoch(epoch, epochs, metrics))
             for line in digest.get("report", []):
                 click.echo(line, err=True)
-            click.echo(f"model {digest['model']} (sha256 {digest['sha256'][:12]}, "
-                       f"trained on {digest.get('device', '?')})", err=True)
+            click.echo(
+                f"model {digest['model']} (sha256 {digest['sha256'][:12]}, "
+                f"trained on {digest.get('device', '?')})",
+                err=True,
+            )
             click.echo(digest["summary"])
             return digest
         elif state in ("FAILURE", "REVOKED"):
@@ -148,8 +207,11 @@ def follow_training(result: Any, epochs: int, timeout: float | None,
         elapsed = time.monotonic() - start
         if state == "PENDING" and not hinted and elapsed > WORKER_HINT_SECONDS:
             hinted = True
-            click.echo("still pending: is a training worker running? "
-                       "(celery -A worker worker -Q training -c 1)", err=True)
+            click.echo(
+                "still pending: is a training worker running? "
+                "(celery -A worker worker -Q training -c 1)",
+                err=True,
+            )
         if timeout is not None and elapsed > timeout:
             raise click.ClickException(
                 f"training task {result.id} is still {state} after {timeout:g}s; it goes on "
@@ -163,9 +225,9 @@ def follow_training(result: Any, epochs: int, timeout: float | None,
 @click.argument("labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def evaluate(scored_csv: Path, labels_csv: Path) -> None:
     """Accuracy of SCORED_CSV (from collect) against LABELS_CSV, with the majority baseline."""
-    from producer.profiles import LabelsError
     from training.evaluate import EvaluationError, format_evaluation
     from training.evaluate import evaluate as run_evaluation
+    from worker.labels import LabelsError
 
     try:
         result = run_evaluation(scored_csv, labels_csv)

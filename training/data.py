@@ -11,9 +11,8 @@ network's sigmoid output is P(female). Unlike the origin, whose ``flow_from_dire
 sorted class folders and so learnt P(male), the mapping is written into the model's
 metadata.
 
-Import rule: ``training`` imports ``worker`` only, with one known exception: labels are
-read by ``producer.profiles.read_labels``, the one parser of the course's CSVs, shared
-with ``genderscore collect --profiles``.
+Labels are read by ``worker.labels.read_labels``, the one parser of the course's CSVs,
+shared with ``genderscore collect --profiles``.
 
 Nothing is fatal per user: a labelled user with no picture, a picture with no label and
 an unreadable picture are counted in a ``DataReport``, shown at the end of training and
@@ -35,8 +34,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from producer.profiles import Labels, read_labels
 from worker.ids import InvalidUserid, picture_path
+from worker.labels import Labels, read_labels
 from worker.preprocess import PictureError, load_picture, preprocess
 from worker.settings import cpu_count
 
@@ -202,8 +201,12 @@ def load_labelled_pictures(
     log.info(
         "data: %d labelled users, %d used, %d without picture, %d unreadable, "
         "%d pictures without label, %d label rows skipped",
-        report.labelled, report.used, len(report.missing_picture), len(report.unreadable),
-        len(report.unlabelled_picture), len(report.label_skips),
+        report.labelled,
+        report.used,
+        len(report.missing_picture),
+        len(report.unreadable),
+        len(report.unlabelled_picture),
+        len(report.label_skips),
     )
     return LabelledPictures(used_ids, pixels, targets, report)
 

@@ -3,7 +3,7 @@
 The scored CSV is what ``genderscore collect`` writes (``userid,gender,p_female,model,
 scored_at``, gender ``female``/``male``; a filled-in profile.csv works too); the labels
 are a ``userid,gender`` CSV or the course's profile.csv. Both are read by
-``producer.profiles.read_labels`` (the known exception to the rule that training
+``worker.labels.read_labels`` (the known exception to the rule that training
 imports only ``worker``).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.profiles import read_labels
+from worker.labels import read_labels
 
 CLASSES = ("male", "female")  # row and column order of the confusion matrix
 

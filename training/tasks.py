@@ -35,8 +35,18 @@ log = get_task_logger(__name__)
 
 TASK_NAME = "genderscore.train"
 # Keyword options of training.train.train a task may pass.
-OPTIONS = frozenset({"epochs", "batch_size", "image_size", "val_fraction", "seed",
-                     "kernel_size", "optimizer", "patience"})
+OPTIONS = frozenset(
+    {
+        "epochs",
+        "batch_size",
+        "image_size",
+        "val_fraction",
+        "seed",
+        "kernel_size",
+        "optimizer",
+        "patience",
+    }
+)
 DEFAULT_EPOCHS = 25
 UpdateState = Callable[..., None]
 
@@ -48,8 +58,13 @@ class ProgressRecorder:
     of training.
     """
 
-    def __init__(self, client: redis.Redis | None, task_id: str, epochs: int,
-                 update_state: UpdateState | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis | None,
+        task_id: str,
+        epochs: int,
+        update_state: UpdateState | None = None,
+    ) -> None:
         self.client = client
         self.task_id = task_id
         self.epochs = epochs
@@ -63,9 +78,7 @@ class ProgressRecorder:
         if self.client is None:
             return
         key = training_progress(self.task_id)
-        mapping: dict[FieldT, EncodableT] = {
-            k: str(v) for k, v in fields.items() if v is not None
-        }
+        mapping: dict[FieldT, EncodableT] = {k: str(v) for k, v in fields.items() if v is not None}
         mapping["updated_at"] = f"{time.time():.3f}"
         try:
             pipe = self.client.pipeline(transaction=True)
@@ -107,32 +120,74 @@ def run_training(
 ) -> dict[str, Any]:
     """Train with progress reporting; return the result's JSON-able digest."""
     check_task_options(options)
-    recorder = ProgressRecorder(client, task_id, int(options.get("epochs", DEFAULT_EPOCHS)),
-                                update_state)
+    recorder = ProgressRecorder(
+        client, task_id, int(options.get("epochs", DEFAULT_EPOCHS)), update_state
+    )
     device = device_description()
     log.info("training on %s: %s + %s -> %s %s", device, images_dir, labels_csv, out, options)
-    recorder.write({"state": "STARTED", "epoch": 0, "epochs": recorder.epochs, "device": device,
-                    "images_dir": images_dir, "labels_csv": labels_csv, "out": out,
-                    "started_at": f"{time.time():.3f}"}, fresh=True)
+    recorder.write(
+        {
+            "state": "STARTED",
+            "epoch": 0,
+            "epochs": recorder.epochs,
+            "device": device,
+            "images_dir": images_dir,
+            "labels_csv": labels_csv,
+            "out": out,
+            "started_at": f"{time.time():.3f}",
+        },
+        fresh=True,
+    )
     try:
-        result = train(Path(images_dir), Path(labels_csv), Path(out), progress=recorder.epoch,
-                       **options)
+        result = train(
+            Path(images_dir), Path(labels_csv), Path(out), progress=recorder.epoch, **options
+        )
     except Exception as exc:
         recorder.write({"state": "FAILURE", "error": f"{type(exc).__name__}: {exc}"[:1000]})
         raise
     digest = {**result.to_dict(), "device": device, "report": result.report.lines()}
-    recorder.write({"state": "SUCCESS", "summary": digest["summary"], "model": digest["model"],
-                    "sha256": digest["sha256"], "val_accuracy": digest["val_accuracy"],
-                    "val_loss": digest["val_loss"]})
+    recorder.write(
+        {
+            "state": "SUCCESS",
+            "summary": digest["summary"],
+            "model": digest["model"],
+            "sha256": digest["sha256"],
+            "val_accuracy": digest["val_accuracy"],
+            "val_loss": digest["val_loss"],
+        }
+    )
     log.info("training done: %s", digest["summary"])
     return digest
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=False,
-          time_limit=settings.training_time_limit)
-def train_task(self: Task[Any, Any], /, images_dir: str, labels_csv: str, out: str,
-               **options: Any) -> dict[str, Any]:
+@app.task(
+    name=TASK_NAME,
+    bind=True,
+    acks_late=True,
+    ignore_result=False,
+    time_limit=settings.training_time_limit,
+)
+def train_task(
+    self: Task[Any, Any], /, images_dir: str, labels_csv: str, out: str, **options: Any
+) -> dict[str, Any]:
     """Train a model from IMAGES_DIR and LABELS_CSV into OUT (paths as the worker sees them)."""
     task_id = self.request.id or "eager"
-    return run_training(task_id, images_dir, labels_csv, out, options,
-                        update_state=self.update_state, client=connect())
+
+    def publish_progress(state: str, meta: dict[str, Any]) -> None:
+        # update_state feeds AsyncResult and `train --submit`; the event feeds Flower,
+        # which shows the latest epoch in its Result column.
+        self.update_state(state=state, meta=meta)
+        metrics = {k: v for k, v in meta.items() if k not in ("epoch", "epochs")}
+        self.send_event(
+            "task-progress", result=format_epoch(meta["epoch"], meta["epochs"], metrics)
+        )
+
+    return run_training(
+        task_id,
+        images_dir,
+        labels_csv,
+        out,
+        options,
+        update_state=publish_progress,
+        client=connect(),
+    )

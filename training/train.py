@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from training.data import (
     userids_fingerprint,
 )
 from training.network import feature_size, min_image_size
+from worker.files import write_atomic
 from worker.preprocess import PREPROCESSING_ID
 
 log = logging.getLogger(__name__)
@@ -126,8 +125,12 @@ def check_options(
     """Refuse options that cannot train, before any picture is read."""
     if out.suffix != ".h5":
         raise TrainingError(f"the model path must end in .h5 (HDF5), not {out.name!r}")
-    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
-                             ("kernel_size", kernel_size, 1), ("patience", patience, 0)):
+    for name, value, low in (
+        ("epochs", epochs, 1),
+        ("batch_size", batch_size, 1),
+        ("kernel_size", kernel_size, 1),
+        ("patience", patience, 0),
+    ):
         if value < low:
             raise TrainingError(f"{name} must be at least {low}, not {value}")
     if feature_size(image_size, kernel_size) < 1:
@@ -153,7 +156,7 @@ def train(
 ) -> TrainResult:
     """Train the CNN on the labelled pictures and save it with metadata and curves.
 
-    Raises ``producer.profiles.LabelsError`` for an unusable label file and
+    Raises ``worker.labels.LabelsError`` for an unusable label file and
     ``TrainingError`` for options or data that cannot train.
     """
     images_dir, labels_csv, out = Path(images_dir), Path(labels_csv), Path(out)
@@ -166,8 +169,9 @@ def train(
     model = make_model(image_size, kernel_size, optimizer, seed=seed)  # seeds TF, numpy
     import keras
 
-    train_ds = make_dataset(data, split.train, batch_size, shuffle_seed=seed,
-                            augmentation=make_augmentation(seed))
+    train_ds = make_dataset(
+        data, split.train, batch_size, shuffle_seed=seed, augmentation=make_augmentation(seed)
+    )
     val_ds = make_dataset(data, split.val, batch_size)
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=patience, restore_best_weights=True
@@ -175,27 +179,52 @@ def train(
     callbacks: list[Any] = [stopper]
     if progress is not None:
         report_epoch = progress
-        callbacks.append(keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: report_epoch(
-                epoch + 1, {k: float(v) for k, v in (logs or {}).items()}
+        callbacks.append(
+            keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: report_epoch(
+                    epoch + 1, {k: float(v) for k, v in (logs or {}).items()}
+                )
             )
-        ))
+        )
     log.info(
         "training on %d users (%d validation), %dx%d, batch %d, up to %d epochs",
-        len(split.train), len(split.val), image_size, image_size, batch_size, epochs,
+        len(split.train),
+        len(split.val),
+        image_size,
+        image_size,
+        batch_size,
+        epochs,
     )
     # shuffle=False: the dataset reshuffles itself, with its seed.
-    fitted = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-                       shuffle=False, verbose=0)
+    fitted = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        callbacks=callbacks,
+        shuffle=False,
+        verbose=0,
+    )
     history = {k: [float(v) for v in fitted.history.get(k, [])] for k in METRICS}
     # The restored best weights, measured again: the numbers of the saved model.
     final = model.evaluate(val_ds, verbose=0, return_dict=True)
 
     metadata = build_metadata(
-        data, split.train, split.val, history, final, int(stopper.best_epoch) + 1,
-        params={"epochs": epochs, "batch_size": batch_size, "image_size": image_size,
-                "kernel_size": kernel_size, "optimizer": optimizer, "seed": seed,
-                "val_fraction": val_fraction, "patience": patience},
+        data,
+        split.train,
+        split.val,
+        history,
+        final,
+        int(stopper.best_epoch) + 1,
+        params={
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "image_size": image_size,
+            "kernel_size": kernel_size,
+            "optimizer": optimizer,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "patience": patience,
+        },
     )
     from worker.model import metadata_path, save_model
 
@@ -260,8 +289,9 @@ def write_curves(history: dict[str, list[float]], baseline: float, path: Path) -
         axes.plot(epochs, history[metric], marker="o", label=f"train {metric}")
         axes.plot(epochs, history[f"val_{metric}"], marker="o", label=f"validation {metric}")
         if metric == "accuracy":
-            axes.axhline(baseline, color="grey", linestyle="--",
-                         label=f"majority baseline {baseline:.2f}")
+            axes.axhline(
+                baseline, color="grey", linestyle="--", label=f"majority baseline {baseline:.2f}"
+            )
         axes.set_xlabel("epoch")
         axes.set_title(metric)
         axes.grid(alpha=0.3)
@@ -269,18 +299,4 @@ def write_curves(history: dict[str, list[float]], baseline: float, path: Path) -
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    replace_file(path, buffer.getvalue())
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file and a rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            os.fchmod(handle.fileno(), 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, buffer.getvalue())

@@ -52,7 +52,9 @@ class ScoreRequest:
     model_path: str
 
     @classmethod
-    def from_args(cls, request_id: str, args: Sequence[Any], kwargs: dict[str, Any]) -> ScoreRequest:
+    def from_args(
+        cls, request_id: str, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> ScoreRequest:
         """Build from a task's ``(run_id, userid, images_dir, model_path)`` arguments."""
         values = dict(zip(("run_id", "userid", "images_dir", "model_path"), args, strict=False))
         values.update(kwargs)
@@ -118,10 +120,16 @@ class BatchScorer:
             try:
                 self._process_group(run_id, Path(model_path), Path(images_dir), group)
                 reply.ack += [r.request_id for r in group]
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                    redis.ResponseError) as exc:
+            except (
+                redis.ConnectionError,
+                redis.TimeoutError,
+                redis.BusyLoadingError,
+                redis.ResponseError,
+            ) as exc:
                 # Infrastructure, not the pictures: hand the messages back.
-                log.error("run %s: Redis fault, requeueing %d requests: %s", run_id, len(group), exc)
+                log.error(
+                    "run %s: Redis fault, requeueing %d requests: %s", run_id, len(group), exc
+                )
                 reply.requeue += [r.request_id for r in group]
         return reply
 
@@ -131,7 +139,8 @@ class BatchScorer:
         budget = settings.score_time_limit / 3
         state = with_redis_retry(
             lambda: start_batch(self.client, run_id, [r.userid for r in group]),
-            "counting deliveries", budget,
+            "counting deliveries",
+            budget,
         )
         fresh: list[tuple[str, Path]] = []
         suspects: list[tuple[str, Path]] = []
@@ -155,7 +164,7 @@ class BatchScorer:
         sha = bundle.sha256 if bundle else "-"
         self._report_loads()
         outcomes: list[Outcome] = list(failures)
-        if fresh:
+        if fresh and bundle is not None:
             for userid, _ in fresh:
                 _maybe_crash_for_tests(userid)
             outcomes += score_pictures(bundle, fresh, settings.batch_size)
@@ -166,7 +175,9 @@ class BatchScorer:
         for userid, path in suspects:
             self._score_alone(run_id, bundle, userid, path, budget)
 
-    def _score_alone(self, run_id: str, bundle: Any, userid: str, path: Path, budget: float) -> None:
+    def _score_alone(
+        self, run_id: str, bundle: Any, userid: str, path: Path, budget: float
+    ) -> None:
         """Score a redelivered picture on its own, giving up after max_deliveries deaths."""
         attempts = with_redis_retry(
             lambda: count_solo_attempt(self.client, run_id, userid), "counting", budget
@@ -174,13 +185,20 @@ class BatchScorer:
         outcome: list[Outcome]
         if attempts > settings.max_deliveries:
             log.error("%s killed its worker %d times: recorded as an error", userid, attempts - 1)
-            outcome = [Failed(userid, "worker_crash",
-                              f"the worker process died {attempts - 1} times scoring this picture")]
+            outcome = [
+                Failed(
+                    userid,
+                    "worker_crash",
+                    f"the worker process died {attempts - 1} times scoring this picture",
+                )
+            ]
         else:
             _maybe_crash_for_tests(userid)
             outcome = list(score_pictures(bundle, [(userid, path)], 1))
         with_redis_retry(
-            lambda: record_outcomes(self.client, run_id, bundle.sha256, outcome), "recording", budget
+            lambda: record_outcomes(self.client, run_id, bundle.sha256, outcome),
+            "recording",
+            budget,
         )
 
     def _report_loads(self) -> None:

@@ -195,7 +195,11 @@ def load_bundle(model_path: Path, tf_threads: int | None = None) -> ModelBundle:
         raise ModelError(f"metadata positive_class {positive!r} is not one of {CLASSES}")
     log.info(
         "model loaded: %s sha256=%s input=%s sigmoid=P(%s) pid=%d",
-        model_path, sha[:12], input_size, positive, os.getpid(),
+        model_path,
+        sha[:12],
+        input_size,
+        positive,
+        os.getpid(),
     )
     return ModelBundle(
         model=model,

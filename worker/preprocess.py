@@ -80,8 +80,8 @@ def decode(data: bytes, size: tuple[int, int], max_pixels: int | None = None) ->
         with warnings.catch_warnings():
             # Pillow's decompression-bomb warning becomes an error, never a log line.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
+            opened = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = opened.size
             if width * height > pixel_limit:
                 raise PictureError(
                     "too_many_pixels",
@@ -90,10 +90,8 @@ def decode(data: bytes, size: tuple[int, int], max_pixels: int | None = None) ->
             if width < 1 or height < 1:
                 raise PictureError("bad_size", f"{width}x{height}")
             # JPEG DCT scaling: decode at the smallest scale still >= the target size.
-            image.draft("RGB", (max(size), max(size)))
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
-            return image.resize(size, RESAMPLE)
+            opened.draft("RGB", (max(size), max(size)))
+            return _to_rgb(ImageOps.exif_transpose(opened)).resize(size, RESAMPLE)
     except PictureError:
         raise
     except UnidentifiedImageError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -37,7 +37,8 @@ while i <= #ARGV do
   i = i + 2
 end
 local settled = redis.call('HLEN', pred) + redis.call('HLEN', err)
-if redis.call('HGET', meta, 'sealed') == '1' and redis.call('HEXISTS', meta, 'finished_at') == 0 then
+local open_run = redis.call('HEXISTS', meta, 'finished_at') == 0
+if redis.call('HGET', meta, 'sealed') == '1' and open_run then
   local total = tonumber(redis.call('HGET', meta, 'total') or '0')
   if settled >= total then
     redis.call('HSET', meta, 'finished_at', now)
@@ -46,6 +47,11 @@ if redis.call('HGET', meta, 'sealed') == '1' and redis.call('HEXISTS', meta, 'fi
 end
 return settled
 """
+
+
+def read_hash(client: redis.Redis, key: str) -> dict[str, str]:
+    """HGETALL of a client made by ``connect`` (it decodes to str)."""
+    return cast(dict[str, str], client.hgetall(key))
 
 
 def connect(url: str | None = None) -> redis.Redis:
@@ -100,11 +106,19 @@ def seal_run(client: redis.Redis, run_id: str, total: int) -> None:
     """Mark a run fully enqueued with ``total`` userids; stamps it finished if it already is."""
     keys = run_keys(run_id)
     client.hset(keys.meta, mapping={"total": total, "sealed": 1})
-    client.eval(_RECORD, 6, *_script_keys(run_id, "-"), f"{time.time():.3f}",
-                settings.result_ttl_days * 86400, 0)
+    client.eval(
+        _RECORD,
+        6,
+        *_script_keys(run_id, "-"),
+        f"{time.time():.3f}",
+        settings.result_ttl_days * 86400,
+        0,
+    )
 
 
-def start_batch(client: redis.Redis, run_id: str, userids: Iterable[str]) -> dict[str, tuple[int, bool]]:
+def start_batch(
+    client: redis.Redis, run_id: str, userids: Iterable[str]
+) -> dict[str, tuple[int, bool]]:
     """Count one more delivery of each userid; return ``{userid: (deliveries, settled)}``.
 
     ``settled`` is true when the userid already has a prediction or an error (a

@@ -51,12 +51,16 @@ class Failed:
 Outcome = Scored | Failed
 
 
-def predict_raw(bundle: ModelBundle, batch: NDArray[np.float32], batch_size: int) -> NDArray[np.float64]:
+def predict_raw(
+    bundle: ModelBundle, batch: NDArray[np.float32], batch_size: int
+) -> NDArray[np.float64]:
     """Sigmoid outputs for a stack of preprocessed pictures, ``batch_size`` at a time."""
     outputs = []
     for start in range(0, len(batch), batch_size):
         chunk = batch[start : start + batch_size]
-        outputs.append(np.asarray(bundle.model.predict_on_batch(chunk), dtype=np.float64).reshape(-1))
+        outputs.append(
+            np.asarray(bundle.model.predict_on_batch(chunk), dtype=np.float64).reshape(-1)
+        )
     return np.concatenate(outputs) if outputs else np.zeros(0)
 
 

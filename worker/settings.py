@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     )
     broker_url: str | None = Field(None, description="Celery broker, if not redis_url.")
     key_prefix: str = Field(
-        "genderscore", pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        "genderscore",
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
         description="Every Redis key of the project (queues included) starts with '<prefix>:'.",
     )
     # A batch takes well under a second; a SIGKILLed worker's reserved messages come

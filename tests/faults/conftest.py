@@ -31,14 +31,27 @@ def free_port() -> int:
 
 
 @contextmanager
-def redis_server(workdir: Path, port: int | None = None, *args: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def redis_server(
+    workdir: Path, port: int | None = None, *args: str
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """A private redis-server on another port (AOF, auth, maxmemory... via ``args``)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--dir", str(workdir), *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(workdir),
+            *args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_port(port)
     try:
@@ -89,31 +102,50 @@ class FaultEnv:
         with mock.patch.object(settings, "key_prefix", self.prefix):
             return run_keys(run_id)
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``genderscore ARGS`` as a subprocess in this world."""
         proc = subprocess.run(
-            [sys.executable, "-m", "producer.cli", *args], cwd=ROOT, env=worker_env(self.env),
-            capture_output=True, text=True, timeout=timeout,
+            [sys.executable, "-m", "producer.cli", *args],
+            cwd=ROOT,
+            env=worker_env(self.env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"genderscore {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"genderscore {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def cli_background(self, *args: str) -> subprocess.Popen[str]:
         """Start ``genderscore ARGS`` without waiting."""
         return subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", *args], cwd=ROOT, env=worker_env(self.env),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "producer.cli", *args],
+            cwd=ROOT,
+            env=worker_env(self.env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     @contextmanager
-    def worker(self, name: str = "w", concurrency: int = 2, **extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    def worker(
+        self, name: str = "w", concurrency: int = 2, **extra: str
+    ) -> Iterator[subprocess.Popen[bytes]]:
         """A real scoring worker of this world."""
         log = self.tmp / f"{name}-{len(self.logs)}.log"
         self.logs.append(log)
         env = dict(self.env, **extra)
-        with celery_worker("score", concurrency=concurrency, extra_env=env, log_path=log,
-                           name=f"{name}{len(self.logs)}") as proc:
+        with celery_worker(
+            "score",
+            concurrency=concurrency,
+            extra_env=env,
+            log_path=log,
+            name=f"{name}{len(self.logs)}",
+        ) as proc:
             yield proc
 
     def settled(self, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -139,7 +171,9 @@ class FaultEnv:
             "unacked": client.hlen(p + "unacked"),
             "unacked_mutex_ttl": client.ttl(p + "unacked_mutex"),
         }
-        raise AssertionError(f"run {run_id}: {len(pred)} + {len(err)} settled of {total}; {diagnosis}")
+        raise AssertionError(
+            f"run {run_id}: {len(pred)} + {len(err)} settled of {total}; {diagnosis}"
+        )
 
     def deliveries(self, run_id: str) -> dict[str, int]:
         """userid -> deliveries counted by workers."""

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from tests.faults.conftest import FaultEnv, redis_server
 from tests.helpers import make_pictures
@@ -33,8 +32,17 @@ def test_redis_restart_with_aof_loses_nothing(tmp_path: Path, tiny_model: Path) 
     with redis_server(data, None, *aof) as (port, server):
         world = _world(tmp_path, port, tiny_model)
         with world.worker("w"):
-            follower = world.cli_background("score", str(folder), "--run-id", "aof-run", "--wait",
-                                            "--out", str(tmp_path / "out.csv"), "--timeout", "200")
+            follower = world.cli_background(
+                "score",
+                str(folder),
+                "--run-id",
+                "aof-run",
+                "--wait",
+                "--out",
+                str(tmp_path / "out.csv"),
+                "--timeout",
+                "200",
+            )
             _wait_progress(world, "aof-run", 100)
             world.client.shutdown()  # a clean restart: AOF flushed
             server.wait(10)
@@ -63,8 +71,9 @@ def test_redis_lost_without_persistence_then_reconcile(tmp_path: Path, tiny_mode
                 out = tmp_path / "out.csv"
                 short = world.cli("collect", "lost-run", "--out", str(out), check=False)
                 assert short.returncode != 0 and not out.exists()
-                fixed = world.cli("reconcile", "lost-run", "--images", str(folder),
-                                  "--model", str(tiny_model))
+                fixed = world.cli(
+                    "reconcile", "lost-run", "--images", str(folder), "--model", str(tiny_model)
+                )
                 assert int(fixed.stdout.strip()) >= 300
                 world.wait_settled("lost-run", 400, timeout=120)
                 world.cli("collect", "lost-run", "--out", str(out))
@@ -72,7 +81,9 @@ def test_redis_lost_without_persistence_then_reconcile(tmp_path: Path, tiny_mode
     assert len(userids) == len(set(userids)) == 400
 
 
-def test_redis_unreachable_for_30s_retries_instead_of_errors(tmp_path: Path, tiny_model: Path) -> None:
+def test_redis_unreachable_for_30s_retries_instead_of_errors(
+    tmp_path: Path, tiny_model: Path
+) -> None:
     folder = tmp_path / "pictures"
     make_pictures(folder, 800, size=(48, 48))
     data = tmp_path / "redis-data"
@@ -80,9 +91,17 @@ def test_redis_unreachable_for_30s_retries_instead_of_errors(tmp_path: Path, tin
     with redis_server(data, None, *aof) as (port, server):
         world = _world(tmp_path, port, tiny_model)
         with world.worker("w") as worker:
-            follower = world.cli_background("score", str(folder), "--run-id", "outage-run",
-                                            "--wait", "--out", str(tmp_path / "out.csv"),
-                                            "--timeout", "250")
+            follower = world.cli_background(
+                "score",
+                str(folder),
+                "--run-id",
+                "outage-run",
+                "--wait",
+                "--out",
+                str(tmp_path / "out.csv"),
+                "--timeout",
+                "250",
+            )
             _wait_progress(world, "outage-run", 100)
             world.client.shutdown()
             server.wait(10)
@@ -105,7 +124,10 @@ def test_redis_full_fails_loudly_and_evicts_nothing(tmp_path: Path, tiny_model: 
     restarted worker (compose's restart policy) completes the run."""
     folder = tmp_path / "pictures"
     make_pictures(folder, 300, size=(48, 48))
-    with redis_server(tmp_path / "redis-data", None, "--maxmemory-policy", "noeviction") as (port, _):
+    with redis_server(tmp_path / "redis-data", None, "--maxmemory-policy", "noeviction") as (
+        port,
+        _,
+    ):
         world = _world(tmp_path, port, tiny_model)
         client = world.client
         with world.worker("w") as first:

@@ -77,11 +77,25 @@ def test_poison_picture_becomes_an_error_after_bounded_deliveries(
     (folder / "poison-pill.jpg").write_bytes((folder / f"{userid(0)}.jpg").read_bytes())
     run_id = "poison-run"
     # A generous time limit: each death costs a new pool process a TensorFlow start.
-    with world.worker("w", GENDERSCORE_TEST_CRASH_MARKER="poison",
-                      GENDERSCORE_SCORE_TIME_LIMIT="60", GENDERSCORE_VISIBILITY_TIMEOUT="120"):
+    with world.worker(
+        "w",
+        GENDERSCORE_TEST_CRASH_MARKER="poison",
+        GENDERSCORE_SCORE_TIME_LIMIT="60",
+        GENDERSCORE_VISIBILITY_TIMEOUT="120",
+    ):
         out = tmp_path / "out.csv"
-        world.cli("score", str(folder), "--run-id", run_id, "--wait", "--out", str(out),
-                  "--timeout", "150", timeout=180)
+        world.cli(
+            "score",
+            str(folder),
+            "--run-id",
+            run_id,
+            "--wait",
+            "--out",
+            str(out),
+            "--timeout",
+            "150",
+            timeout=180,
+        )
     pred, err = world.settled(run_id)
     assert len(pred) == 60
     assert list(err) == ["poison-pill"] and err["poison-pill"].startswith("worker_crash:")
@@ -121,7 +135,10 @@ def test_worker_refuses_time_limit_above_visibility(world: FaultEnv) -> None:
 
     proc = subprocess.run(
         ["python", "-m", "celery", "-A", "worker", "worker", "-Q", "score"],
-        env=worker_env(env), capture_output=True, text=True, timeout=60,
+        env=worker_env(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "must be below" in proc.stderr + proc.stdout

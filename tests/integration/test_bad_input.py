@@ -34,8 +34,9 @@ def test_bad_pictures_become_typed_errors_good_ones_are_scored(
         (folder / f"{uid}.jpg").write_bytes(make())
         bad_ids[uid] = expected
     out = tmp_path / "run.csv"
-    result = CliRunner().invoke(main, ["score", str(folder), "--wait", "--out", str(out),
-                                       "--timeout", "180"])
+    result = CliRunner().invoke(
+        main, ["score", str(folder), "--wait", "--out", str(out), "--timeout", "180"]
+    )
     assert result.exit_code == 0, result.output
     scored = {r["userid"]: r for r in read_csv(out)}
     errors = {r["userid"]: r["error"] for r in read_csv(tmp_path / "run.errors.csv")}
@@ -66,8 +67,9 @@ def test_unsafe_names_are_skipped_by_the_producer(tmp_path: Path, score_worker: 
     (folder / "\u0430bc.jpg").write_bytes(b"x")  # Cyrillic a
     (folder / "x.JPG").write_bytes(b"x")
     out = tmp_path / "run.csv"
-    result = CliRunner().invoke(main, ["score", str(folder), "--wait", "--out", str(out),
-                                       "--timeout", "120"])
+    result = CliRunner().invoke(
+        main, ["score", str(folder), "--wait", "--out", str(out), "--timeout", "120"]
+    )
     assert result.exit_code == 0, result.output
     assert [r["userid"] for r in read_csv(out)] == sorted(userid(n) for n in range(3))
     for name in ("linked.jpg", "..jpg", "a" * 65, "\\u0430bc.jpg", "x.JPG"):
@@ -100,8 +102,20 @@ def test_same_userid_twice_in_a_run_gives_one_row(
     runner = CliRunner()
     first = runner.invoke(main, ["score", str(folder), "--run-id", "dup-run-1"])
     assert first.exit_code == 0, first.output
-    second = runner.invoke(main, ["score", str(folder), "--run-id", "dup-run-1", "--wait",
-                                  "--out", str(tmp_path / "dup.csv"), "--timeout", "60"])
+    second = runner.invoke(
+        main,
+        [
+            "score",
+            str(folder),
+            "--run-id",
+            "dup-run-1",
+            "--wait",
+            "--out",
+            str(tmp_path / "dup.csv"),
+            "--timeout",
+            "60",
+        ],
+    )
     assert second.exit_code == 0, second.output
     assert "0 tasks enqueued, 5 already in the run" in second.output
     rows = read_csv(tmp_path / "dup.csv")
@@ -120,12 +134,22 @@ def test_pickle_message_is_refused_and_runs_nothing(
         "body": base64.b64encode(body).decode(),
         "content-encoding": "binary",
         "content-type": "application/x-python-serialize",
-        "headers": {"lang": "py", "task": "genderscore.score", "id": str(uuid.uuid4()),
-                    "argsrepr": "", "kwargsrepr": "", "retries": 0},
-        "properties": {"correlation_id": str(uuid.uuid4()), "delivery_mode": 2,
-                       "delivery_info": {"exchange": "", "routing_key": "score"},
-                       "priority": 0, "body_encoding": "base64",
-                       "delivery_tag": str(uuid.uuid4())},
+        "headers": {
+            "lang": "py",
+            "task": "genderscore.score",
+            "id": str(uuid.uuid4()),
+            "argsrepr": "",
+            "kwargsrepr": "",
+            "retries": 0,
+        },
+        "properties": {
+            "correlation_id": str(uuid.uuid4()),
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": "score"},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
     }
     redis_client.lpush(prefix() + "score", json.dumps(message))
     deadline = time.monotonic() + 30
@@ -146,8 +170,9 @@ def test_collect_refuses_an_incomplete_run(
 ) -> None:
     run_id = "incomplete-run"
     keys = run_keys(run_id)
-    redis_client.hset(keys.meta, mapping={"total": 3, "sealed": 1, "model_sha": "ab" * 32,
-                                          "started_at": "1"})
+    redis_client.hset(
+        keys.meta, mapping={"total": 3, "sealed": 1, "model_sha": "ab" * 32, "started_at": "1"}
+    )
     redis_client.sadd(keys.ids, "u1", "u2", "u3")
     redis_client.hset(keys.pred, "u1", "0.900000|f|1764000000")
     out = tmp_path / "out.csv"
@@ -157,4 +182,7 @@ def test_collect_refuses_an_incomplete_run(
     assert result.exit_code == 0, result.output
     assert [r["userid"] for r in read_csv(out)] == ["u1"]
     errors = read_csv(tmp_path / "out.errors.csv")
-    assert [(r["userid"], r["error"].split(":")[0]) for r in errors] == [("u2", reason), ("u3", reason)]
+    assert [(r["userid"], r["error"].split(":")[0]) for r in errors] == [
+        ("u2", reason),
+        ("u3", reason),
+    ]

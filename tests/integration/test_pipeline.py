@@ -11,7 +11,7 @@ import redis
 from click.testing import CliRunner
 
 from producer.cli import main
-from tests.helpers import make_pictures, write_profiles
+from tests.helpers import make_pictures
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -29,14 +29,18 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 
 
 def test_score_wait_matches_model_and_local(
-    pictures: tuple[Path, dict[str, str]], tiny_model: Path, score_worker: Path,
-    redis_client: redis.Redis, tmp_path: Path,
+    pictures: tuple[Path, dict[str, str]],
+    tiny_model: Path,
+    score_worker: Path,
+    redis_client: redis.Redis,
+    tmp_path: Path,
 ) -> None:
     folder, labels = pictures
     runner = CliRunner()
     out = tmp_path / "scored.csv"
-    result = runner.invoke(main, ["score", str(folder), "--wait", "--out", str(out),
-                                  "--timeout", "180"])
+    result = runner.invoke(
+        main, ["score", str(folder), "--wait", "--out", str(out), "--timeout", "180"]
+    )
     assert result.exit_code == 0, result.output
     assert "notes.txt" in result.output and "bad name!.jpg" in result.output
     rows = read_csv(out)
@@ -48,8 +52,9 @@ def test_score_wait_matches_model_and_local(
     from worker.preprocess import preprocess
 
     bundle = load_bundle(tiny_model)
-    arrays = np.stack([preprocess((folder / f"{r['userid']}.jpg").read_bytes(), bundle.size_wh)
-                       for r in rows])
+    arrays = np.stack(
+        [preprocess((folder / f"{r['userid']}.jpg").read_bytes(), bundle.size_wh) for r in rows]
+    )
     expected = np.asarray(bundle.model.predict_on_batch(arrays)).reshape(-1)
     got = np.array([float(r["p_female"]) for r in rows])
     assert np.allclose(got, expected, atol=1e-5)

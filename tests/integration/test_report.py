@@ -19,8 +19,13 @@ from producer.report import band_index, build_report, errors_html, evaluate
 from tests.helpers import make_pictures, userid, write_profiles
 from worker.results import Prediction
 
-BAD = {userid(900): b"", userid(901): b"", userid(902): b"not a jpeg at all",
-       userid(903): b"GIF89a broken", userid(904): b"\x00" * 10}
+BAD = {
+    userid(900): b"",
+    userid(901): b"",
+    userid(902): b"not a jpeg at all",
+    userid(903): b"GIF89a broken",
+    userid(904): b"\x00" * 10,
+}
 
 VOID = {"img", "meta", "br", "hr", "link"}
 
@@ -97,8 +102,9 @@ def fact(page: Page, key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def scored_run(tmp_path_factory: pytest.TempPathFactory, score_worker: Path
-               ) -> tuple[str, Path, dict[str, str], Path]:
+def scored_run(
+    tmp_path_factory: pytest.TempPathFactory, score_worker: Path
+) -> tuple[str, Path, dict[str, str], Path]:
     """A real run of 160 pictures (5 of them broken), collected to CSV."""
     base = tmp_path_factory.mktemp("report-run")
     folder = base / "pictures"
@@ -109,21 +115,24 @@ def scored_run(tmp_path_factory: pytest.TempPathFactory, score_worker: Path
     labels_csv = base / "profile.csv"
     write_profiles(labels_csv, labels)
     out = base / "scored.csv"
-    result = CliRunner().invoke(main, ["score", str(folder), "--wait", "--out", str(out),
-                                       "--timeout", "180"])
+    result = CliRunner().invoke(
+        main, ["score", str(folder), "--wait", "--out", str(out), "--timeout", "180"]
+    )
     assert result.exit_code == 0, result.output
     return result.stdout.strip().splitlines()[-1], out, labels, labels_csv
 
 
-def test_report_numbers_match_the_csv(scored_run: tuple[str, Path, dict[str, str], Path],
-                                      tiny_model: Path, tmp_path: Path) -> None:
+def test_report_numbers_match_the_csv(
+    scored_run: tuple[str, Path, dict[str, str], Path], tiny_model: Path, tmp_path: Path
+) -> None:
     run_id, csv_path, labels, labels_csv = scored_run
     rows = read_csv(csv_path)
     errors = read_csv(csv_path.with_name("scored.errors.csv"))
     assert len(rows) == 155 and {e["userid"] for e in errors} == set(BAD)
 
-    result = CliRunner().invoke(main, ["report", run_id, "--labels", str(labels_csv),
-                                       "--out", str(tmp_path / "report")])
+    result = CliRunner().invoke(
+        main, ["report", run_id, "--labels", str(labels_csv), "--out", str(tmp_path / "report")]
+    )
     assert result.exit_code == 0, result.output
     index = Path(result.stdout.strip())
     assert index == tmp_path / "report" / "index.html"
@@ -131,8 +140,9 @@ def test_report_numbers_match_the_csv(scored_run: tuple[str, Path, dict[str, str
     page = parse_page(index)
 
     # Self-contained: every picture is embedded, nothing is fetched.
-    assert len(page.images) == 4 and all(s.startswith("data:image/png;base64,")
-                                         for s in page.images)
+    assert len(page.images) == 4 and all(
+        s.startswith("data:image/png;base64,") for s in page.images
+    )
     assert not re.search(r"(src|href)=\"(?!data:)", text)
     assert "http://" not in text and "https://" not in text
 
@@ -175,11 +185,15 @@ def test_report_numbers_match_the_csv(scored_run: tuple[str, Path, dict[str, str
         assert accuracy == (f"{100 * right / len(members):.1f}%" if members else "-")
 
 
-def test_report_model_facts_from_metadata(scored_run: tuple[str, Path, dict[str, str], Path],
-                                          redis_client: redis.Redis, tmp_path: Path) -> None:
+def test_report_model_facts_from_metadata(
+    scored_run: tuple[str, Path, dict[str, str], Path], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     data = load_run(redis_client, scored_run[0])
-    meta = {"sha256": data.meta["model_sha"], "created_at": "2026-05-01T10:00:00+00:00",
-            "val_accuracy": 0.7123}
+    meta = {
+        "sha256": data.meta["model_sha"],
+        "created_at": "2026-05-01T10:00:00+00:00",
+        "val_accuracy": 0.7123,
+    }
     page = parse_page(build_report(data, tmp_path, model_meta=meta))
     assert fact(page, "val_accuracy") == "0.7123"
     assert fact(page, "model_created_at") == "2026-05-01T10:00:00+00:00"
@@ -189,13 +203,15 @@ def test_report_model_facts_from_metadata(scored_run: tuple[str, Path, dict[str,
     assert "accuracy" not in page.cells  # no labels, no accuracy section
 
 
-def test_collect_xml_matches_the_csv(scored_run: tuple[str, Path, dict[str, str], Path],
-                                     tmp_path: Path) -> None:
+def test_collect_xml_matches_the_csv(
+    scored_run: tuple[str, Path, dict[str, str], Path], tmp_path: Path
+) -> None:
     run_id, csv_path, _, labels_csv = scored_run
     rows = {r["userid"]: r for r in read_csv(csv_path)}
     xml_dir = tmp_path / "xml"
-    result = CliRunner().invoke(main, ["collect", run_id, "--xml", str(xml_dir),
-                                       "--baseline", str(labels_csv)])
+    result = CliRunner().invoke(
+        main, ["collect", run_id, "--xml", str(xml_dir), "--baseline", str(labels_csv)]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(xml_dir)
     assert not list(tmp_path.glob("*.csv"))  # --xml without --out writes no CSV
@@ -205,15 +221,21 @@ def test_collect_xml_matches_the_csv(scored_run: tuple[str, Path, dict[str, str]
         user = ET.parse(path).getroot()
         assert user.tag == "user"
         assert user.attrib == {
-            "id": path.stem, "age_group": "xx-24", "gender": rows[path.stem]["gender"],
-            "extrovert": "3.50", "neurotic": "2.70", "agreeable": "3.60",
-            "conscientious": "3.40", "open": "3.90",
+            "id": path.stem,
+            "age_group": "xx-24",
+            "gender": rows[path.stem]["gender"],
+            "extrovert": "3.50",
+            "neurotic": "2.70",
+            "agreeable": "3.60",
+            "conscientious": "3.40",
+            "open": "3.90",
         }
 
     # With --out as well: the same CSV as `score --wait` wrote, and the same XML files.
     both = tmp_path / "both"
-    result = CliRunner().invoke(main, ["collect", run_id, "--out", str(both / "run.csv"),
-                                       "--xml", str(both / "xml")])
+    result = CliRunner().invoke(
+        main, ["collect", run_id, "--out", str(both / "run.csv"), "--xml", str(both / "xml")]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.split() == [str(both / "run.csv"), str(both / "xml")]
     assert (both / "run.csv").read_bytes() == csv_path.read_bytes()
@@ -232,8 +254,9 @@ def test_evaluate_bands_and_majority() -> None:
     from producer.collect import RunData
 
     ps = [0.0, 0.45, 0.55, 0.6, 0.62, 0.95, 1.0]  # bands 4, 0, 0, 1, 1, 4, 4
-    predictions = {userid(n): Prediction(p, "female" if p >= 0.5 else "male", 1e9)
-                   for n, p in enumerate(ps)}
+    predictions = {
+        userid(n): Prediction(p, "female" if p >= 0.5 else "male", 1e9) for n, p in enumerate(ps)
+    }
     truth = ["male", "female", "female", "male", "female", "female", "male"]
     labels = {userid(n): g for n, g in enumerate(truth)} | {userid(50): "male"}
     data = RunData("r", {}, predictions, {userid(50): "corrupt: x"})
@@ -241,8 +264,11 @@ def test_evaluate_bands_and_majority() -> None:
     assert [band_index(p) for p in ps] == [4, 0, 0, 1, 1, 4, 4]
     assert (result.users, result.correct) == (7, 4)
     assert (result.majority_class, result.majority_users) == ("female", 4)
-    assert [(b.users, b.correct) for b in result.bands] == [(2, 1), (2, 1), (0, 0), (0, 0),
-                                                            (3, 2)]
-    assert result.confusion == {("female", "female"): 3, ("female", "male"): 1,
-                                ("male", "female"): 2, ("male", "male"): 1}
+    assert [(b.users, b.correct) for b in result.bands] == [(2, 1), (2, 1), (0, 0), (0, 0), (3, 2)]
+    assert result.confusion == {
+        ("female", "female"): 3,
+        ("female", "male"): 1,
+        ("male", "female"): 2,
+        ("male", "male"): 1,
+    }
     assert (result.labelled_errors, result.unlabelled) == (1, 0)

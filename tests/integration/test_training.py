@@ -23,9 +23,24 @@ pytestmark = pytest.mark.slow
 IMAGE_SIZE = 32
 COUNT = 150  # 60% female: a majority baseline of 0.6
 METADATA_KEYS = {
-    "format", "input_size", "preprocessing", "positive_class", "threshold", "sha256",
-    "label_mapping", "class_counts", "baseline_accuracy", "majority_class", "history",
-    "best_epoch", "val_accuracy", "val_loss", "data", "skipped", "versions", "created_at",
+    "format",
+    "input_size",
+    "preprocessing",
+    "positive_class",
+    "threshold",
+    "sha256",
+    "label_mapping",
+    "class_counts",
+    "baseline_accuracy",
+    "majority_class",
+    "history",
+    "best_epoch",
+    "val_accuracy",
+    "val_loss",
+    "data",
+    "skipped",
+    "versions",
+    "created_at",
     "params",
 }
 
@@ -44,22 +59,33 @@ def course_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_profiles(profile, {**labels, missing: "male", corrupt: "female"})
     with profile.open("a") as handle:  # a duplicate row
         first = sorted(labels)[0]
-        handle.write(f"999,{first},23.0,{'1.0' if labels[first] == 'female' else '0.0'},"
-                     "3,3,3,3,3\n")
+        handle.write(
+            f"999,{first},23.0,{'1.0' if labels[first] == 'female' else '0.0'},3,3,3,3,3\n"
+        )
     return {"images": images, "profile": profile, "labels": labels, "root": root}
 
 
 @pytest.fixture(scope="module")
-def trained(course_data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
-            ) -> tuple[TrainResult, list[tuple[int, dict[str, float]]]]:
+def trained(
+    course_data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TrainResult, list[tuple[int, dict[str, float]]]]:
     from training.train import train
 
     epochs: list[tuple[int, dict[str, float]]] = []
     out = tmp_path_factory.mktemp("model") / "gender.h5"
-    result = train(course_data["images"], course_data["profile"], out, epochs=8,
-                   batch_size=16, image_size=IMAGE_SIZE, val_fraction=0.2, seed=0,
-                   kernel_size=4, patience=3,
-                   progress=lambda epoch, metrics: epochs.append((epoch, metrics)))
+    result = train(
+        course_data["images"],
+        course_data["profile"],
+        out,
+        epochs=8,
+        batch_size=16,
+        image_size=IMAGE_SIZE,
+        val_fraction=0.2,
+        seed=0,
+        kernel_size=4,
+        patience=3,
+        progress=lambda epoch, metrics: epochs.append((epoch, metrics)),
+    )
     return result, epochs
 
 
@@ -106,8 +132,12 @@ def test_metadata_is_complete_and_matches_the_file(
         "userids_sha256": userids_fingerprint(course_data["labels"]),
         "val_userids_sha256": meta["data"]["val_userids_sha256"],
     }
-    assert meta["skipped"] == {"label_duplicate": 1, "missing_picture": 1,
-                               "picture_corrupt": 1, "unlabelled_picture": 1}
+    assert meta["skipped"] == {
+        "label_duplicate": 1,
+        "missing_picture": 1,
+        "picture_corrupt": 1,
+        "unlabelled_picture": 1,
+    }
     assert set(meta["versions"]) == {"tensorflow", "keras", "numpy", "pillow", "genderscore"}
     assert set(meta["history"]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert meta["params"]["image_size"] == IMAGE_SIZE and meta["params"]["seed"] == 0
@@ -133,14 +163,16 @@ def test_saved_model_scores_like_the_worker(
     ids = sorted(course_data["labels"])[:40]
     items = [(uid, course_data["images"] / f"{uid}.jpg") for uid in ids]
     outcomes = score_pictures(bundle, items, batch_size=16)
-    arrays = np.stack([preprocess(path.read_bytes(), (IMAGE_SIZE, IMAGE_SIZE))
-                       for _, path in items])
+    arrays = np.stack(
+        [preprocess(path.read_bytes(), (IMAGE_SIZE, IMAGE_SIZE)) for _, path in items]
+    )
     expected = np.asarray(bundle.model.predict_on_batch(arrays)).reshape(-1)
     assert all(isinstance(o, Scored) for o in outcomes)
     got = np.array([o.p_female for o in outcomes if isinstance(o, Scored)])
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    right = sum(o.gender == course_data["labels"][o.userid]
-                for o in outcomes if isinstance(o, Scored))
+    right = sum(
+        o.gender == course_data["labels"][o.userid] for o in outcomes if isinstance(o, Scored)
+    )
     assert right >= 0.9 * len(ids)
 
 
@@ -152,8 +184,9 @@ def test_training_inputs_are_the_scoring_inputs(course_data: dict[str, Any]) -> 
     indices = np.arange(5)
     batch, targets = next(iter(make_dataset(data, indices, batch_size=5)))
     for row, uid in enumerate(data.userids[:5]):
-        expected = preprocess((course_data["images"] / f"{uid}.jpg").read_bytes(),
-                              (IMAGE_SIZE, IMAGE_SIZE))
+        expected = preprocess(
+            (course_data["images"] / f"{uid}.jpg").read_bytes(), (IMAGE_SIZE, IMAGE_SIZE)
+        )
         assert np.array_equal(batch.numpy()[row], expected)
     assert targets.numpy().reshape(-1).tolist() == data.targets[:5].tolist()
 
@@ -164,11 +197,23 @@ def test_train_command_prints_epochs_and_summary(
     from training.cli import train
 
     out = tmp_path / "cli.h5"
-    result = CliRunner().invoke(train, [
-        str(course_data["images"]), str(course_data["profile"]), "--out", str(out),
-        "--epochs", "2", "--image-size", str(IMAGE_SIZE), "--val-fraction", "0.2",
-        "--batch-size", "32",
-    ])
+    result = CliRunner().invoke(
+        train,
+        [
+            str(course_data["images"]),
+            str(course_data["profile"]),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--image-size",
+            str(IMAGE_SIZE),
+            "--val-fraction",
+            "0.2",
+            "--batch-size",
+            "32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "epoch 1/2  loss " in result.output and "epoch 2/2" in result.output
     assert "1 labelled users with no picture" in result.output
@@ -185,9 +230,13 @@ def test_training_task_reports_progress_in_redis(
     states: list[dict[str, Any]] = []
     out = tmp_path / "task.h5"
     digest = run_training(
-        "test-task-1", str(course_data["images"]), str(course_data["profile"]), str(out),
+        "test-task-1",
+        str(course_data["images"]),
+        str(course_data["profile"]),
+        str(out),
         {"epochs": 2, "image_size": IMAGE_SIZE, "val_fraction": 0.2},
-        update_state=lambda **kw: states.append(kw), client=redis_client,
+        update_state=lambda **kw: states.append(kw),
+        client=redis_client,
     )
     assert json.loads(json.dumps(digest)) == digest  # JSON-able
     assert digest["model"] == str(out) and digest["device"]
@@ -203,15 +252,21 @@ def test_training_task_reports_progress_in_redis(
 def test_training_task_failure_is_recorded(
     course_data: dict[str, Any], redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    from producer.profiles import LabelsError
     from training.tasks import run_training
     from worker.keys import training_progress
+    from worker.labels import LabelsError
 
     bad = tmp_path / "labels.csv"
     bad.write_text("userid,age\n")
     with pytest.raises(LabelsError):
-        run_training("test-task-2", str(course_data["images"]), str(bad),
-                     str(tmp_path / "x.h5"), {"epochs": 1}, client=redis_client)
+        run_training(
+            "test-task-2",
+            str(course_data["images"]),
+            str(bad),
+            str(tmp_path / "x.h5"),
+            {"epochs": 1},
+            client=redis_client,
+        )
     info = redis_client.hgetall(training_progress("test-task-2"))
     assert info["state"] == "FAILURE" and "no 'gender' column" in info["error"]
     with pytest.raises(ValueError, match="unknown training options epoch"):

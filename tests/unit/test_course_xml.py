@@ -18,29 +18,49 @@ from producer.course_xml import (
     user_xml,
     write_course_xml,
 )
-from producer.profiles import LabelsError
 from tests.helpers import userid
 from worker.ids import InvalidUserid
+from worker.labels import LabelsError
 from worker.results import Prediction
 
-ATTRIBUTES = ["id", "age_group", "gender", "extrovert", "neurotic", "agreeable",
-              "conscientious", "open"]
+ATTRIBUTES = [
+    "id",
+    "age_group",
+    "gender",
+    "extrovert",
+    "neurotic",
+    "agreeable",
+    "conscientious",
+    "open",
+]
 
 
-@pytest.mark.parametrize(("age", "group"), [
-    (0.0, "xx-24"), (24.99, "xx-24"), (25.0, "25-34"), (34.9, "25-34"), (35.0, "35-49"),
-    (49.99, "35-49"), (50.0, "50-xx"), (87.0, "50-xx"),
-])
+@pytest.mark.parametrize(
+    ("age", "group"),
+    [
+        (0.0, "xx-24"),
+        (24.99, "xx-24"),
+        (25.0, "25-34"),
+        (34.9, "25-34"),
+        (35.0, "35-49"),
+        (49.99, "35-49"),
+        (50.0, "50-xx"),
+        (87.0, "50-xx"),
+    ],
+)
 def test_age_groups(age: float, group: str) -> None:
     assert age_group(age) == group
 
 
 def test_default_baseline_is_the_course_example() -> None:
     uid = "ab" * 16
-    assert user_xml(uid, "female") == (
-        f'<user id="{uid}" age_group="xx-24" gender="female" extrovert="3.49" '
-        'neurotic="2.73" agreeable="3.58" conscientious="3.45" open="3.91" />\n'
-    ).encode()
+    assert (
+        user_xml(uid, "female")
+        == (
+            f'<user id="{uid}" age_group="xx-24" gender="female" extrovert="3.49" '
+            'neurotic="2.73" agreeable="3.58" conscientious="3.45" open="3.91" />\n'
+        ).encode()
+    )
 
 
 def write_profile(path: Path, rows: list[str]) -> Path:
@@ -49,25 +69,37 @@ def write_profile(path: Path, rows: list[str]) -> Path:
 
 
 def test_baseline_from_profile(tmp_path: Path) -> None:
-    profile = write_profile(tmp_path / "profile.csv", [
-        f"0,{userid(0)},22.0,1.0,4.0,3.0,2.0,1.0,5.0",
-        f"1,{userid(1)},30.0,0.0,3.0,4.0,3.0,2.0,4.0",
-        f"2,{userid(2)},31.0,1.0,,5.0,4.0,3.0,3.0",  # blank 'ope' is left out of its mean
-        f"3,{userid(3)},55.0,1.0,2.0,3.0,5.0,4.0,nan",
-    ])
+    profile = write_profile(
+        tmp_path / "profile.csv",
+        [
+            f"0,{userid(0)},22.0,1.0,4.0,3.0,2.0,1.0,5.0",
+            f"1,{userid(1)},30.0,0.0,3.0,4.0,3.0,2.0,4.0",
+            f"2,{userid(2)},31.0,1.0,,5.0,4.0,3.0,3.0",  # blank 'ope' is left out of its mean
+            f"3,{userid(3)},55.0,1.0,2.0,3.0,5.0,4.0,nan",
+        ],
+    )
     baseline = read_baseline(profile)
     assert baseline.age_group == "25-34"
-    assert baseline.traits == pytest.approx({
-        "open": 3.0, "conscientious": 3.75, "extrovert": 3.5, "agreeable": 2.5, "neurotic": 4.0,
-    })
+    assert baseline.traits == pytest.approx(
+        {
+            "open": 3.0,
+            "conscientious": 3.75,
+            "extrovert": 3.5,
+            "agreeable": 2.5,
+            "neurotic": 4.0,
+        }
+    )
     assert baseline.source == str(profile)
 
 
 def test_baseline_tie_goes_to_the_younger_group(tmp_path: Path) -> None:
-    profile = write_profile(tmp_path / "profile.csv", [
-        f"0,{userid(0)},40.0,1.0,4,3,2,1,5",
-        f"1,{userid(1)},20.0,0.0,3,4,3,2,4",
-    ])
+    profile = write_profile(
+        tmp_path / "profile.csv",
+        [
+            f"0,{userid(0)},40.0,1.0,4,3,2,1,5",
+            f"1,{userid(1)},20.0,0.0,3,4,3,2,4",
+        ],
+    )
     assert read_baseline(profile).age_group == "xx-24"
 
 
@@ -82,24 +114,34 @@ def test_baseline_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_user_xml_escapes_attribute_values() -> None:
-    tricky = Baseline(age_group='<"&\'>', traits=dict(DEFAULT_BASELINE.traits))
+    tricky = Baseline(age_group="<\"&'>", traits=dict(DEFAULT_BASELINE.traits))
     text = user_xml('a"b<c>&d', "male", tricky)
     element = ET.fromstring(text)
     assert element.get("id") == 'a"b<c>&d'
-    assert element.get("age_group") == '<"&\'>'
+    assert element.get("age_group") == "<\"&'>"
 
 
 def run_data() -> RunData:
-    predictions = {userid(n): Prediction(0.1 + 0.2 * n, "female" if n >= 2 else "male", 1e9)
-                   for n in range(4)}
+    predictions = {
+        userid(n): Prediction(0.1 + 0.2 * n, "female" if n >= 2 else "male", 1e9) for n in range(4)
+    }
     errors = {userid(9): "corrupt: truncated", userid(8): "missing: no picture file"}
     return RunData("r1", {"model_sha": "f" * 64}, predictions, errors, [userid(7)])
 
 
 def test_one_parsable_file_per_scored_user(tmp_path: Path) -> None:
     data = run_data()
-    baseline = Baseline("35-49", {"extrovert": 1.0, "neurotic": 2.0, "agreeable": 3.0,
-                                  "conscientious": 4.0, "open": 3.14159}, "test")
+    baseline = Baseline(
+        "35-49",
+        {
+            "extrovert": 1.0,
+            "neurotic": 2.0,
+            "agreeable": 3.0,
+            "conscientious": 4.0,
+            "open": 3.14159,
+        },
+        "test",
+    )
     out = tmp_path / "xml"
     assert write_course_xml(data, out, baseline) == 4
     assert sorted(p.name for p in out.iterdir()) == [f"{u}.xml" for u in sorted(data.predictions)]
@@ -109,9 +151,14 @@ def test_one_parsable_file_per_scored_user(tmp_path: Path) -> None:
         assert root.tag == "user" and len(root) == 0
         assert list(root.attrib) == ATTRIBUTES
         assert root.attrib == {
-            "id": uid, "age_group": "35-49", "gender": prediction.gender,
-            "extrovert": "1.00", "neurotic": "2.00", "agreeable": "3.00",
-            "conscientious": "4.00", "open": "3.14",
+            "id": uid,
+            "age_group": "35-49",
+            "gender": prediction.gender,
+            "extrovert": "1.00",
+            "neurotic": "2.00",
+            "agreeable": "3.00",
+            "conscientious": "4.00",
+            "open": "3.14",
         }
     # Writing again replaces the files in place: same bytes, no temp files left.
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -133,11 +180,14 @@ def test_unsafe_userid_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "evil.xml").exists()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ([], "give --out CSV, --xml DIR, or both"),
-    (["--xml", "x", "--profiles", "{profile}"], "--profiles fills in the CSV"),
-    (["--out", "x.csv", "--baseline", "{profile}"], "--baseline is for the XML files"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give --out CSV, --xml DIR, or both"),
+        (["--xml", "x", "--profiles", "{profile}"], "--profiles fills in the CSV"),
+        (["--out", "x.csv", "--baseline", "{profile}"], "--baseline is for the XML files"),
+    ],
+)
 def test_collect_option_errors(tmp_path: Path, args: list[str], message: str) -> None:
     profile = write_profile(tmp_path / "profile.csv", [f"0,{userid(0)},22,1,4,3,2,1,5"])
     args = [a.replace("{profile}", str(profile)) for a in args]

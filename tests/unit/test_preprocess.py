@@ -19,7 +19,7 @@ def test_golden_array_is_rgb_resized_and_scaled() -> None:
     array = preprocess(data, SIZE)
     assert array.shape == (32, 32, 3) and array.dtype == np.float32
     assert np.allclose(array.mean(axis=(0, 1)), [1.0, 128 / 255, 0.0], atol=3 / 255)
-    assert 0.0 <= array.min() and array.max() <= 1.0
+    assert array.min() >= 0.0 and array.max() <= 1.0
 
 
 def test_preprocessing_is_deterministic_and_not_in_0_255() -> None:

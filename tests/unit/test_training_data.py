@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from producer.profiles import LabelsError
 from tests.helpers import jpeg_bytes, make_pictures, picture, userid, write_profiles
 from training.cli import evaluate as evaluate_cmd
 from training.cli import follow_training
@@ -27,6 +26,7 @@ from training.data import (
 from training.evaluate import EvaluationError, evaluate, format_evaluation
 from training.network import feature_size, min_image_size
 from training.train import check_options, format_epoch
+from worker.labels import LabelsError
 from worker.preprocess import preprocess
 
 HEADER = ",userid,age,gender,ope,con,ext,agr,neu"
@@ -139,8 +139,10 @@ def test_missing_gender_column_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_no_usable_row_is_a_clear_error(tmp_path: Path) -> None:
     csv_path = tmp_path / "labels.csv"
-    csv_path.write_text(f"{HEADER}\n{profile_row(0, 'not a userid!', '1.0')}\n"
-                        f"{profile_row(1, userid(1), 'unknown')}\n")
+    csv_path.write_text(
+        f"{HEADER}\n{profile_row(0, 'not a userid!', '1.0')}\n"
+        f"{profile_row(1, userid(1), 'unknown')}\n"
+    )
     with pytest.raises(LabelsError, match="no usable row"):
         load_labelled_pictures(tmp_path, csv_path, 32)
 
@@ -148,8 +150,10 @@ def test_no_usable_row_is_a_clear_error(tmp_path: Path) -> None:
 def test_bad_rows_are_skipped_and_reported(tmp_path: Path) -> None:
     good = {userid(n): ("female" if n % 2 else "male") for n in range(1, 7)}
     folder = _folder_with(tmp_path, good)
-    rows = [profile_row(i, uid, "1.0" if g == "female" else "0.0")
-            for i, (uid, g) in enumerate(good.items())]
+    rows = [
+        profile_row(i, uid, "1.0" if g == "female" else "0.0")
+        for i, (uid, g) in enumerate(good.items())
+    ]
     rows += [
         profile_row(10, userid(1), "0.0" if good[userid(1)] == "female" else "1.0"),  # conflict
         profile_row(11, userid(2), "1.0" if good[userid(2)] == "female" else "0.0"),  # duplicate
@@ -164,8 +168,12 @@ def test_bad_rows_are_skipped_and_reported(tmp_path: Path) -> None:
     assert userid(1) not in data.userids  # conflicting labels: both dropped
     assert len(data.userids) == 5
     assert data.report.skipped_counts() == {
-        "label_conflict": 1, "label_duplicate": 1, "label_invalid_gender": 2,
-        "label_invalid_userid": 1, "label_missing_columns": 1, "unlabelled_picture": 1,
+        "label_conflict": 1,
+        "label_duplicate": 1,
+        "label_invalid_gender": 2,
+        "label_invalid_userid": 1,
+        "label_missing_columns": 1,
+        "unlabelled_picture": 1,
     }
     text = "\n".join(data.report.lines())
     assert "6 label rows skipped" in text and "1 pictures with no label" in text
@@ -224,8 +232,7 @@ def test_no_readable_picture_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_report_lists_a_few_examples_only() -> None:
-    report = DataReport(labelled=100, used=50,
-                        missing_picture=[userid(n) for n in range(50)])
+    report = DataReport(labelled=100, used=50, missing_picture=[userid(n) for n in range(50)])
     line = next(li for li in report.lines() if "no picture" in li)
     assert line.startswith("50 labelled users with no picture") and "and 30 more" in line
 
@@ -247,18 +254,26 @@ def test_network_minimum_size() -> None:
     ],
 )
 def test_bad_options_are_refused(kwargs: dict[str, Any], message: str) -> None:
-    options: dict[str, Any] = {"out": Path("m.h5"), "epochs": 1, "batch_size": 1,
-                               "image_size": 32, "kernel_size": 4, "patience": 0}
+    options: dict[str, Any] = {
+        "out": Path("m.h5"),
+        "epochs": 1,
+        "batch_size": 1,
+        "image_size": 32,
+        "kernel_size": 4,
+        "patience": 0,
+    }
     options.update(kwargs)
     with pytest.raises(TrainingError, match=message):
         check_options(**options)
 
 
 def test_format_epoch() -> None:
-    line = format_epoch(3, 25, {"loss": 0.6, "accuracy": 0.7, "val_loss": 0.5,
-                                "val_accuracy": 0.75})
-    assert line == ("epoch 3/25  loss 0.6000  accuracy 0.7000  val_loss 0.5000  "
-                    "val_accuracy 0.7500")
+    line = format_epoch(
+        3, 25, {"loss": 0.6, "accuracy": 0.7, "val_loss": 0.5, "val_accuracy": 0.75}
+    )
+    assert line == (
+        "epoch 3/25  loss 0.6000  accuracy 0.7000  val_loss 0.5000  val_accuracy 0.7500"
+    )
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -319,8 +334,9 @@ def test_train_command_with_unusable_labels_says_why(tmp_path: Path) -> None:
     labels = tmp_path / "profile.csv"
     labels.write_text(f"{HEADER}\n{profile_row(0, userid(1), 'maybe')}\n")
     (tmp_path / "image").mkdir()
-    result = CliRunner().invoke(train_cmd, [str(tmp_path / "image"), str(labels),
-                                            "--out", str(tmp_path / "m.h5")])
+    result = CliRunner().invoke(
+        train_cmd, [str(tmp_path / "image"), str(labels), "--out", str(tmp_path / "m.h5")]
+    )
     assert result.exit_code == 1
     assert "no usable row" in result.output and "Traceback" not in result.output
 
@@ -352,11 +368,19 @@ class FakeResult:
 
 def test_follow_prints_each_epoch_once_and_the_summary(capsys: pytest.CaptureFixture[str]) -> None:
     metrics = {"loss": 0.5, "accuracy": 0.8, "val_loss": 0.4, "val_accuracy": 0.9}
-    digest = {"model": "m.h5", "sha256": "ab" * 32, "summary": "validation accuracy 0.90 vs "
-              "majority baseline 0.60", "history": {k: [v] * 3 for k, v in metrics.items()}}
-    steps = [("PENDING", None), ("PROGRESS", {"epoch": 1, "epochs": 3, **metrics}),
-             ("PROGRESS", {"epoch": 1, "epochs": 3, **metrics}),
-             ("PROGRESS", {"epoch": 2, "epochs": 3, **metrics}), ("SUCCESS", digest)]
+    digest = {
+        "model": "m.h5",
+        "sha256": "ab" * 32,
+        "summary": "validation accuracy 0.90 vs majority baseline 0.60",
+        "history": {k: [v] * 3 for k, v in metrics.items()},
+    }
+    steps = [
+        ("PENDING", None),
+        ("PROGRESS", {"epoch": 1, "epochs": 3, **metrics}),
+        ("PROGRESS", {"epoch": 1, "epochs": 3, **metrics}),
+        ("PROGRESS", {"epoch": 2, "epochs": 3, **metrics}),
+        ("SUCCESS", digest),
+    ]
     follow_training(FakeResult(steps), 3, timeout=None, interval=0)
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in out[:-1]] == ["1/3", "2/3", "3/3"]

@@ -16,6 +16,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp makes it owner-only
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -17,8 +17,14 @@ log = logging.getLogger(__name__)
 
 # The course's coding: 0 = male, 1 = female.
 COURSE_CODES = {"male": 0, "female": 1}
-GENDER_WORDS = {"0": "male", "1": "female", "male": "male", "female": "female",
-                "m": "male", "f": "female"}
+GENDER_WORDS = {
+    "0": "male",
+    "1": "female",
+    "male": "male",
+    "female": "female",
+    "m": "male",
+    "f": "female",
+}
 
 
 class LabelsError(ValueError):
