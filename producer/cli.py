@@ -95,8 +95,8 @@ def main(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("absl", "tensorflow", "h5py", "PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("absl", "tensorflow", "h5py", "PIL", "matplotlib"):  # their INFO is noise
+        logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "absl" else logging.WARNING)
 
 
 @main.command()
@@ -348,6 +348,30 @@ def reconcile(run_id: str, images: Path | None, model: Path | None) -> None:
         raise click.ClickException(str(exc)) from None
     click.echo(f"run {run_id}: {count} userids re-enqueued", err=True)
     click.echo(str(count))
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo"),
+    show_default=True,
+    help="Where the demo writes everything.",
+)
+@click.option("--count", default=400, show_default=True, help="Sample pictures to generate.")
+@click.option("--epochs", default=6, show_default=True, help="Training epochs.")
+def demo(workdir: Path, count: int, epochs: int) -> None:
+    """Run the whole job on generated pictures: sample, train, score through Celery, CSV."""
+    from producer.demo import run_demo
+
+    try:
+        result = run_demo(workdir.resolve(), count, epochs)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(result.summary, err=True)
+    click.echo(f"model: {result.model_path}", err=True)
+    click.echo(f"run {result.run_id}: scored CSV written to", err=True)
+    click.echo(str(result.csv_path))
 
 
 def _register_training() -> None:

@@ -37,10 +37,16 @@ class Settings(BaseSettings):
     )
     # A batch takes well under a second; a SIGKILLed worker's reserved messages come
     # back after this many seconds, so it is short for scoring. Training has its own.
-    visibility_timeout: int = Field(900, ge=10)
+    visibility_timeout: int = Field(
+        900, ge=10, description="Seconds before an unacked scoring message is delivered again."
+    )
     score_time_limit: int = Field(300, ge=1, description="Hard limit for one batch (s).")
-    training_visibility_timeout: int = Field(7 * 24 * 3600, ge=60)
-    training_time_limit: int = Field(3 * 24 * 3600, ge=60)
+    training_visibility_timeout: int = Field(
+        7 * 24 * 3600, ge=60, description="The same for the training queue (its own index)."
+    )
+    training_time_limit: int = Field(
+        3 * 24 * 3600, ge=60, description="Hard limit for one training run (s)."
+    )
     max_deliveries: int = Field(
         3, ge=1, description="A picture whose worker died this many times becomes an error."
     )
@@ -53,25 +59,39 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(64, ge=1, le=4096, description="Pictures per forward pass.")
     # The tail of a run waits at most this long for a partial batch.
-    flush_interval: float = Field(0.5, gt=0)
+    flush_interval: float = Field(
+        0.5, gt=0, description="Seconds a partial batch waits before it is scored."
+    )
     # celery-batches needs prefetch x concurrency > batch_size, or a batch never fills:
     # 3 batches per process keeps one scoring, one filling and one queued.
-    prefetch_batches: int = Field(3, ge=2)
+    prefetch_batches: int = Field(
+        3, ge=2, description="Batches each pool process keeps prefetched."
+    )
     tf_threads: int = Field(
         0, ge=0, description="TensorFlow threads per worker process (0: cores / concurrency)."
     )
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=10_000)
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Larger picture files are errors."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=10_000, description="Larger pictures are errors, before decoding."
+    )
 
     # --- Nightly scoring ----------------------------------------------------------
     nightly_cron: str = Field(
         "0 2 * * *", description="minute hour day month weekday (UTC), or a number of seconds"
     )
-    nightly_images_dir: Path | None = None
-    nightly_output_dir: Path = Path("out")
-    nightly_lock_seconds: int = Field(6 * 3600, ge=60)
+    nightly_images_dir: Path | None = Field(None, description="Folder the nightly run scores.")
+    nightly_output_dir: Path = Field(
+        Path("out"), description="Nightly CSVs: <date>-<run>.csv and latest.csv."
+    )
+    nightly_lock_seconds: int = Field(
+        6 * 3600, ge=60, description="Expiry of the lock that stops overlapping nightly runs."
+    )
     # How often the nightly run's finisher checks whether the run is done.
-    nightly_poll_seconds: float = Field(30, gt=0)
+    nightly_poll_seconds: float = Field(
+        30, gt=0, description="How often the nightly run checks whether it finished."
+    )
 
     @model_validator(mode="after")
     def _limits_below_visibility(self) -> Settings:
