@@ -3,19 +3,21 @@
 On N generated profile-like JPEGs and an untrained model of the origin's architecture
 (150x150, kernel 4) it measures, one after the other:
 
-(a) the in-process ceiling, ``genderscore score --local`` (every core, no broker);
+(a) the in-process ceiling, ``genderscore score --local`` (every core, no broker),
+    from its model loaded to the CSV written (and, cold, from the command's start);
 (b) the pipeline, ``genderscore score --wait --out`` with real workers
-    (``celery -A worker worker -Q score``, the project's default settings), timed from
-    the run's creation (first enqueue) to the CSV written; again at each ``--sizes``;
+    (``celery -A worker worker -Q score``, the project's default settings), from the
+    run's creation (first enqueue) to the CSV written; fresh workers each time, first
+    warmed up by a run of two batches per process (timed too: the cold start); again
+    at each of ``--sizes``;
 (c) the naive baseline (``bench.naive``: one task and one ``model.predict`` per
-    picture), on the first ``--naive-n`` pictures;
+    picture), warmed up the same way, on the first ``--naive-n`` pictures;
 
 then enqueueing ``--enqueue`` userids and collecting ``--collect`` predictions. It
 prints one table and writes it as JSON to ``bench/results/<timestamp>.json``.
 Everything lives under a private key prefix (``gsbench-<random>``) on
 ``GENDERSCORE_REDIS_URL``, deleted at the end; other ``GENDERSCORE_*`` settings in the
-environment apply to the workers as they would in production.
-"""
+environment apply to the workers as they would in production."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -275,7 +277,7 @@ def machine() -> dict[str, Any]:
 
 
 def effective_settings(concurrency: int) -> dict[str, Any]:
-    """The scoring settings the workers of (b) run with."""
+    """The scoring settings that workers of ``concurrency`` processes run with."""
     from worker.model import default_tf_threads
     from worker.settings import settings
 
@@ -317,15 +319,13 @@ def setup(plan: Plan, workdir: Path) -> Bench:
 def run(plan: Plan, workdir: Path) -> dict[str, Any]:
     """Every measurement of ``plan``; returns the results."""
     from bench.micro import collect, enqueue
-    from worker.settings import cpu_count
 
     bench = setup(plan, workdir)
     results = bench.results
-    results["plan"] = plan.__dict__ | {"sizes": list(plan.sizes)}
+    results["plan"] = asdict(plan) | {"sizes": list(plan.sizes)}
     results["pictures"] = bench.pictures.summary() | {"used": plan.n}
     results["model"] = {"input": f"{plan.model_size}x{plan.model_size}",
                         "kernel": plan.model_kernel, "sha256": bench.model_sha[:12]}
-    results["settings"] = effective_settings(cpu_count())
 
     phases = [
         ("local", lambda: measure_local(bench, plan.n)),
@@ -334,6 +334,7 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
     ]
     for name, action in phases:
         results[name] = _phase(name, action)
+    results["settings"] = effective_settings(results["pipeline"]["worker_processes"])
     scaling = []
     for size in plan.sizes:
         result = results["pipeline"] if size == plan.n else _phase(

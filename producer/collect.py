@@ -8,9 +8,11 @@ partial file is asked for. Both files are written atomically and deterministical
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 
 import redis
@@ -68,8 +70,9 @@ def load_run(client: redis.Redis, run_id: str) -> RunData:
     return RunData(run_id, meta, predictions, errors, missing)
 
 
+@functools.lru_cache(maxsize=65536)
 def iso(ts: float) -> str:
-    """Unix time -> ``2026-11-25T02:00:00Z``."""
+    """Unix time -> ``2026-11-25T02:00:00Z`` (cached: a run has few distinct seconds)."""
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -104,9 +107,10 @@ def write_outputs(data: RunData, out: Path, profiles: Path | None = None) -> Col
     for userid in data.missing:
         errors[userid] = "missing: no prediction or error yet (partial collect)"
     if profiles is None:
+        model_id = data.model_id
         rows = (
-            (uid, p.gender, f"{p.p_female:.6f}", data.model_id, iso(p.scored_at))
-            for uid, p in sorted(data.predictions.items())
+            (uid, p.gender, f"{p.p_female:.6f}", model_id, iso(p.scored_at))
+            for uid, p in sorted(data.predictions.items(), key=itemgetter(0))
         )
         write_csv_atomic(out, CSV_COLUMNS, rows)
     else:

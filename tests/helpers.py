@@ -107,14 +107,21 @@ def wait_ready(proc: subprocess.Popen[bytes], log_path: Path | None, timeout: fl
 def stop_process(
     proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
 ) -> None:
-    """Stop a process group: ``sig`` first, SIGKILL if it lingers."""
+    """Stop a process: ``sig`` to the main process only (as ``docker stop`` or systemd
+    do: a Celery worker's pool processes must not get it), then SIGKILL to the whole
+    group if it lingers."""
     if proc.poll() is None:
         try:
-            os.killpg(proc.pid, sig)
+            os.kill(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group, if any
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(10)

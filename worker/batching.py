@@ -30,7 +30,7 @@ import redis
 from worker.ids import InvalidUserid, check_run_id, check_userid, picture_path
 from worker.keys import model_loads
 from worker.model import ModelCache, ModelError
-from worker.results import count_solo_attempt, record_outcomes, start_batch
+from worker.results import count_skips, count_solo_attempt, record_outcomes, start_batch
 from worker.scoring import Failed, Outcome, score_pictures
 from worker.settings import settings
 
@@ -145,6 +145,11 @@ class BatchScorer:
         fresh: list[tuple[str, Path]] = []
         suspects: list[tuple[str, Path]] = []
         failures: list[Outcome] = []
+        already_done = [u for u, (_, settled) in state.items() if settled]
+        if already_done:  # redelivered after the work was done: counted, not redone
+            with_redis_retry(
+                lambda: count_skips(self.client, run_id, already_done), "counting", budget
+            )
         for req in group:
             tries, settled = state[req.userid]
             if settled:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,16 +219,18 @@ class ModelCache:
     def __init__(self, tf_threads: int | None = None) -> None:
         self._bundles: dict[Path, ModelBundle] = {}
         self._tf_threads = tf_threads
+        self._lock = threading.Lock()  # a threads pool must not load a model twice
         self.loads = 0
 
     def get(self, model_path: Path) -> ModelBundle:
         """The bundle for ``model_path``, loading it the first time."""
         key = model_path.resolve()
-        bundle = self._bundles.get(key)
-        if bundle is None:
-            bundle = load_bundle(key, self._tf_threads)
-            self._bundles[key] = bundle
-            self.loads += 1
+        with self._lock:
+            bundle = self._bundles.get(key)
+            if bundle is None:
+                bundle = load_bundle(key, self._tf_threads)
+                self._bundles[key] = bundle
+                self.loads += 1
         return bundle
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 
@@ -61,9 +61,8 @@ def connect(url: str | None = None) -> redis.Redis:
     )
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """A stored prediction, as read back by the collector."""
+class Prediction(NamedTuple):
+    """A stored prediction, as read back by the collector (a tuple: a million are cheap)."""
 
     p_female: float
     gender: str
@@ -78,7 +77,10 @@ def encode_prediction(outcome: Scored, now: float) -> str:
 def decode_prediction(value: str) -> Prediction:
     """Inverse of ``encode_prediction``."""
     p, g, ts = value.split("|")
-    return Prediction(float(p), "female" if g == "f" else "male", float(ts))
+    return Prediction(float(p), _GENDERS[g], float(ts))
+
+
+_GENDERS = {"f": "female", "m": "male"}
 
 
 def _script_keys(run_id: str, model_sha: str) -> list[str]:
@@ -186,3 +188,11 @@ def run_counts(client: redis.Redis, run_id: str) -> RunCounts:
 def count_solo_attempt(client: redis.Redis, run_id: str, userid: str) -> int:
     """Count one attempt at scoring ``userid`` alone; return how many there were."""
     return int(client.hincrby(run_keys(run_id).tries, f"{userid}:solo", 1))
+
+
+def count_skips(client: redis.Redis, run_id: str, userids: Sequence[str]) -> None:
+    """Count redeliveries of settled userids (``<userid>:skipped``): delivered, not redone."""
+    pipe = client.pipeline(transaction=False)
+    for userid in userids:
+        pipe.hincrby(run_keys(run_id).tries, f"{userid}:skipped", 1)
+    pipe.execute()

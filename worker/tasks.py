@@ -10,6 +10,7 @@ its pool process dies (``task_reject_on_worker_lost``) or Redis stays unreachabl
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Collection
 from typing import Any
@@ -38,12 +39,14 @@ class ScoreBatches(Batches):  # type: ignore[misc]
     """
 
     _scorer: BatchScorer | None = None
+    _scorer_lock = threading.Lock()
 
     @property
     def scorer(self) -> BatchScorer:
         """The per-process scorer, created on first use (after the fork)."""
-        if self._scorer is None:
-            self._scorer = BatchScorer(connect(), processes=pool_processes())
+        with self._scorer_lock:
+            if self._scorer is None:
+                self._scorer = BatchScorer(connect(), processes=pool_processes())
         return self._scorer
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)

@@ -16,8 +16,16 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 def _fake_run(world: FaultEnv, run_id: str, count: int) -> None:
     keys = world.keys(run_id)
     client = world.client
-    client.hset(keys.meta, mapping={"total": count, "sealed": 1, "model_sha": "cd" * 32,
-                                    "started_at": "1764000000", "finished_at": "1764000100"})
+    client.hset(
+        keys.meta,
+        mapping={
+            "total": count,
+            "sealed": 1,
+            "model_sha": "cd" * 32,
+            "started_at": "1764000000",
+            "finished_at": "1764000100",
+        },
+    )
     pipe = client.pipeline(transaction=False)
     for n in range(count):
         uid = f"{n:032x}"
@@ -38,8 +46,13 @@ def test_collect_twice_is_byte_identical(world: FaultEnv, tmp_path: Path) -> Non
     world.cli("collect", "twice", "--out", str(second))
     assert first.read_bytes() == second.read_bytes()
     assert (tmp_path / "a.errors.csv").read_bytes() == (tmp_path / "b.errors.csv").read_bytes()
-    assert len(first.read_text().splitlines()) - 1 + len(
-        (tmp_path / "a.errors.csv").read_text().splitlines()) - 1 == 3000
+    assert (
+        len(first.read_text().splitlines())
+        - 1
+        + len((tmp_path / "a.errors.csv").read_text().splitlines())
+        - 1
+        == 3000
+    )
 
 
 def test_collect_killed_mid_write_keeps_the_previous_csv(world: FaultEnv, tmp_path: Path) -> None:

@@ -32,7 +32,13 @@ def test_acl_user_limited_to_the_prefix_runs_the_whole_pipeline(
         import redis
 
         redis.Redis.from_url(admin).execute_command(
-            "ACL", "SETUSER", "genderscore", "on", ">s3cret-pw", f"~{world.prefix}:*", "&*",
+            "ACL",
+            "SETUSER",
+            "genderscore",
+            "on",
+            ">s3cret-pw",
+            f"~{world.prefix}:*",
+            "&*",
             "+@all",
         )
         world.redis_url = f"redis://genderscore:s3cret-pw@127.0.0.1:{port}/0"
@@ -41,8 +47,11 @@ def test_acl_user_limited_to_the_prefix_runs_the_whole_pipeline(
         _score_end_to_end(world, folder, tmp_path / "out.csv")
         wrong = dict(world.env, GENDERSCORE_REDIS_URL=f"redis://genderscore:bad@127.0.0.1:{port}/0")
         proc = subprocess.run(
-            ["python", "-m", "producer.cli", "status"], env=worker_env(wrong),
-            capture_output=True, text=True, timeout=60,
+            ["python", "-m", "producer.cli", "status"],
+            env=worker_env(wrong),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert proc.returncode != 0 and "cannot reach Redis" in proc.stderr
         assert "bad" not in proc.stderr  # the password is never printed
@@ -52,10 +61,26 @@ def _make_cert(folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -65,15 +90,30 @@ def test_redis_over_tls_with_a_password(tmp_path: Path, tiny_model: Path) -> Non
     make_pictures(folder, 12, size=(48, 48))
     cert, key = _make_cert(tmp_path / "tls")
     port = free_port()
-    args = ("--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
-            "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
-            "--tls-auth-clients", "no", "--requirepass", "tls-secret")
-    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--save", "", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = (
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(cert),
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        "tls-secret",
+    )
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--save", "", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port)
-        url = (f"rediss://:tls-secret@127.0.0.1:{port}/0"
-               f"?ssl_cert_reqs=required&ssl_ca_certs={cert}")
+        url = f"rediss://:tls-secret@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
         world = FaultEnv(tmp_path, url, tiny_model)
         _score_end_to_end(world, folder, tmp_path / "out.csv")
     finally:
@@ -81,15 +121,19 @@ def test_redis_over_tls_with_a_password(tmp_path: Path, tiny_model: Path) -> Non
         proc.wait(10)
 
 
-def test_worker_refuses_to_start_with_a_tampered_model(world: FaultEnv, tiny_model: Path,
-                                                        tmp_path: Path) -> None:
+def test_worker_refuses_to_start_with_a_tampered_model(
+    world: FaultEnv, tiny_model: Path, tmp_path: Path
+) -> None:
     tampered = tmp_path / "tampered.h5"
     tampered.write_bytes(tiny_model.read_bytes()[:-1] + b"\x01")
     tampered.with_suffix(".json").write_text(tiny_model.with_suffix(".json").read_text())
     env = dict(world.env, GENDERSCORE_MODEL=str(tampered))
     proc = subprocess.run(
         ["python", "-m", "celery", "-A", "worker", "worker", "-Q", "score"],
-        env=worker_env(env), capture_output=True, text=True, timeout=60,
+        env=worker_env(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "does not match its metadata" in proc.stdout + proc.stderr

@@ -11,7 +11,7 @@ import redis
 from click.testing import CliRunner
 
 from producer.cli import main
-from tests.helpers import make_pictures
+from tests.helpers import make_pictures, write_profiles
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -68,3 +68,50 @@ def test_score_wait_matches_model_and_local(
     assert [r["userid"] for r in local_rows] == [r["userid"] for r in rows]
     assert np.allclose([float(r["p_female"]) for r in local_rows], got, atol=1e-5)
     assert [r["gender"] for r in local_rows] == [r["gender"] for r in rows]
+
+
+def test_collect_profiles_keeps_the_course_file_and_fills_gender(
+    tmp_path: Path, score_worker: Path, redis_client: redis.Redis
+) -> None:
+    folder = tmp_path / "pictures"
+    labels = make_pictures(folder, 20)
+    profile = tmp_path / "profile.csv"
+    write_profiles(profile, {**labels, "ffffffffffffffffffffffffffffffff": "male"})
+    runner = CliRunner()
+    result = runner.invoke(
+        main,
+        [
+            "score",
+            str(folder),
+            "--run-id",
+            "profiles-run",
+            "--wait",
+            "--out",
+            str(tmp_path / "plain.csv"),
+            "--timeout",
+            "120",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "filled.csv"
+    result = runner.invoke(
+        main, ["collect", "profiles-run", "--out", str(out), "--profiles", str(profile)]
+    )
+    assert result.exit_code == 0, result.output
+    source = profile.read_text().splitlines()
+    filled = out.read_text().splitlines()
+    assert filled[0] == source[0] + ",p_female,model"
+    assert len(filled) == len(source)
+    plain = {r["userid"]: r for r in read_csv(tmp_path / "plain.csv")}
+    for src, row in zip(source[1:], filled[1:], strict=True):
+        src_cells, cells = src.split(","), row.split(",")
+        assert cells[:3] == src_cells[:3] and cells[4:9] == src_cells[4:9]  # untouched columns
+        uid = cells[1]
+        if uid in plain:
+            assert cells[3] == ("1.0" if plain[uid]["gender"] == "female" else "0.0")
+            assert cells[9] == plain[uid]["p_female"] and cells[10] == plain[uid]["model"]
+        else:
+            assert cells[3] == "" and cells[9:] == ["", ""]
+    errors = read_csv(tmp_path / "filled.errors.csv")
+    assert [e["userid"] for e in errors] == ["ffffffffffffffffffffffffffffffff"]
+    assert errors[0]["error"].startswith("not_in_run:")

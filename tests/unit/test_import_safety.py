@@ -15,6 +15,12 @@ def test_worker_and_producer_modules_do_not_import_tensorflow() -> None:
         "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=worker_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

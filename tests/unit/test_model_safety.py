@@ -48,7 +48,9 @@ def test_lambda_layer_is_refused_before_deserializing(tmp_path: Path) -> None:
     import keras
 
     inputs = keras.Input((8, 8, 3))
-    outputs = keras.layers.Dense(1)(keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2)(inputs)))
+    outputs = keras.layers.Dense(1)(
+        keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2)(inputs))
+    )
     path = tmp_path / "lambda.h5"
     keras.Model(inputs, outputs).save(path)
     with pytest.raises(ModelError, match="Lambda"):

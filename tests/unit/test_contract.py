@@ -1,0 +1,82 @@
+"""Pinned contracts: the Redis key schema, the stored prediction format, settings, README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from tests.helpers import ROOT
+from worker import keys
+from worker.labels import encode_gender_like, parse_gender
+from worker.results import decode_prediction, encode_prediction
+from worker.scoring import Scored
+from worker.settings import Settings, SettingsError, load_settings, settings
+
+
+def test_key_schema_is_pinned() -> None:
+    with mock.patch.object(settings, "key_prefix", "gs"):
+        run = keys.run_keys("r1")
+        assert run.all() == (
+            "gs:run:r1:meta",
+            "gs:run:r1:ids",
+            "gs:run:r1:pred",
+            "gs:run:r1:err",
+            "gs:run:r1:tries",
+        )
+        assert keys.runs_index() == "gs:runs"
+        assert keys.scored_index("abc") == "gs:scored:abc"
+        assert keys.training_progress("t") == "gs:train:t"
+        assert keys.nightly_lock() == "gs:lock:nightly"
+        assert keys.model_loads() == "gs:model_loads"
+
+
+def test_prediction_round_trip_is_compact() -> None:
+    value = encode_prediction(Scored("u", 0.1234567, "male"), 1764000000.9)
+    assert value == "0.123457|m|1764000000"
+    stored = decode_prediction(value)
+    assert (stored.p_female, stored.gender, stored.scored_at) == (0.123457, "male", 1764000000)
+
+
+@pytest.mark.parametrize(
+    ("raw", "word"),
+    [
+        ("0", "male"),
+        ("1.0", "female"),
+        (" female ", "female"),
+        ("M", "male"),
+        ("2", None),
+        ("", None),
+        ("nan", None),
+    ],
+)
+def test_gender_parsing(raw: str, word: str | None) -> None:
+    assert parse_gender(raw) == word
+
+
+def test_gender_is_written_in_the_files_own_coding() -> None:
+    assert encode_gender_like("female", ["0.0", "1.0"]) == "1.0"
+    assert encode_gender_like("male", ["1", "0"]) == "0"
+    assert encode_gender_like("female", ["male"]) == "female"
+    assert encode_gender_like("male", []) == "0.0"
+
+
+def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENDERSCORE_BATCH_SIZE", "zero")
+    with pytest.raises(SettingsError, match="GENDERSCORE_BATCH_SIZE"):
+        load_settings()
+    monkeypatch.setenv("GENDERSCORE_BATCH_SIZE", "64")
+    monkeypatch.setenv("GENDERSCORE_SCORE_TIME_LIMIT", "2000")
+    with pytest.raises(SettingsError, match="must be below"):
+        load_settings()
+
+
+def test_readme_lists_every_setting_and_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"GENDERSCORE_{name.upper()}" in readme, name
+    assert "pip install -e '.[dev]' && genderscore demo" in readme
+    assert "python3 -m pytest" in readme
+    assert "python3 -m pytest" in (ROOT / ".ci" / "run").read_text()
+    assert Path(ROOT / "models").is_dir()
