@@ -46,7 +46,7 @@ def test_worker_sigkill_then_new_worker_loses_nothing(world: FaultEnv, tmp_path:
     assert sorted(userids) == sorted(userid(n) for n in range(1000))
     deliveries = world.deliveries(run_id)
     extra = sum(deliveries.values()) - 1000
-    prefetch = 64 * 3 * 2  # batch_size x prefetch_batches x concurrency
+    prefetch = settings.batch_size * settings.prefetch_batches * 2  # x concurrency
     assert 0 <= extra <= prefetch, extra
 
 
