@@ -12,6 +12,7 @@ import pytest
 
 from tests.faults.conftest import FaultEnv
 from tests.helpers import make_pictures, stop_process, userid
+from worker.settings import settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
