@@ -292,7 +292,7 @@ def effective_settings(concurrency: int) -> dict[str, Any]:
 
 
 def _redact(url: str) -> str:
-    from producer.cli import redact
+    from worker.results import redact
 
     return redact(url)
 

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from producer.collect import RunData
 
 log = logging.getLogger("genderscore")
+# --wait re-enqueues userids lost in transit after this long without progress (only when
+# the queue is empty and no delivered message of the run is unacknowledged).
+STALL_SECONDS = 60.0
 
 
 def _settings() -> Any:
@@ -31,30 +34,14 @@ def _settings() -> Any:
     return settings
 
 
-def redact(url: str) -> str:
-    """A Redis URL with its password hidden."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
 def _redis() -> redis.Redis:
-    from worker.results import connect
+    from worker.results import RedisUnavailable, connect_checked
 
-    settings = _settings()
-    client = connect()
+    _settings()
     try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise click.ClickException(
-            f"cannot reach Redis at {redact(settings.redis_url)} ({exc}); start redis-server "
-            "or set GENDERSCORE_REDIS_URL"
-        ) from None
-    return client
+        return connect_checked()
+    except RedisUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _report_skipped(skipped: list[tuple[str, str]]) -> None:
@@ -175,14 +162,14 @@ def _wait_and_collect(
     from producer.reconcile import repair_stalled
     from worker.celery import app
 
-    settings = _settings()
+    _settings()
     try:
         wait_for_run(
             client,
             run_id,
             timeout=timeout,
             repair=lambda: repair_stalled(app, client, run_id),
-            stall_after=settings.visibility_timeout + 20,
+            stall_after=STALL_SECONDS,
         )
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None

@@ -32,6 +32,7 @@ from celery.utils.log import get_task_logger
 from producer.collect import Collected, collect
 from producer.enqueue import enqueue_run, new_run_id
 from producer.newness import only_new_userids
+from producer.reconcile import repair_stalled
 from producer.scan import scan_pictures
 from worker.celery import SCORE_QUEUE, app
 from worker.files import errors_path, write_atomic
@@ -244,6 +245,8 @@ def finish_nightly(
     counts = run_counts(client, run_id)
     late = time.time() >= deadline
     if not counts.finished and not late:
+        # Messages lost in transit (BRPOP before kombu's unacked entry) come back here.
+        repair_stalled(app, client, run_id)
         return None
     if not counts.finished:
         log.error(

@@ -9,15 +9,17 @@ queued is at worst scored twice and recorded once.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from pathlib import Path
 
 import redis
 from celery import Celery
 
-from producer.enqueue import add_new_ids, publish
+from producer.enqueue import SCORE_TASK, add_new_ids, publish
 from producer.scan import scan_pictures
-from worker.keys import run_keys
+from worker.keys import prefix, run_keys
 from worker.model import ModelError, read_metadata, verify_model_file
 from worker.results import create_run, read_hash, seal_run
 
@@ -72,17 +74,32 @@ def reconcile_run(
     return len(todo)
 
 
+def _in_flight(client: redis.Redis, run_id: str) -> bool:
+    """Whether a delivered, unacknowledged score message of the run is still out there."""
+    for raw in client.hvals(prefix() + "unacked"):
+        try:
+            envelope = json.loads(raw)[0]  # kombu stores [message, exchange, routing key]
+            if envelope["headers"].get("task") != SCORE_TASK:
+                continue
+            args = json.loads(base64.b64decode(envelope["body"]))[0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return True  # cannot tell: assume it is ours
+        if args and args[0] == run_id:
+            return True
+    return False
+
+
 def repair_stalled(app: Celery, client: redis.Redis, run_id: str) -> int:
     """Re-enqueue a stalled run's unsettled userids, when nothing can still deliver them.
 
     Redis's BRPOP hands a message to a worker before kombu records it as unacked: a
-    connection lost in between loses the message. Once the queue and the unacked
-    index are empty, an unsettled userid can only have been lost that way.
+    connection lost in between loses the message. Once the queue is empty and no
+    unacked message belongs to the run, an unsettled userid can only have been lost
+    that way.
     """
     from producer.status import queue_lengths
 
-    lengths = queue_lengths(client)
-    if lengths["score"] or lengths["unacked (score)"]:
+    if queue_lengths(client)["score"] or _in_flight(client, run_id):
         return 0
     keys = run_keys(run_id)
     meta = read_hash(client, keys.meta)

@@ -137,12 +137,11 @@ def _submit(
     images_dir: Path, labels_csv: Path, out: Path, options: dict[str, Any], timeout: float | None
 ) -> None:
     """Send ``genderscore.train`` to the training queue and follow it to the end."""
-    import redis
 
     from training.tasks import TASK_NAME, ProgressRecorder
     from worker.celery import TRAINING_QUEUE, app
     from worker.labels import LabelsError, read_labels
-    from worker.results import connect
+    from worker.results import RedisUnavailable, connect_checked
     from worker.settings import settings
 
     try:  # fail here, not hours later on the worker
@@ -151,13 +150,10 @@ def _submit(
         raise click.ClickException(str(exc)) from None
     if out.suffix != ".h5":
         raise click.ClickException(f"--out must end in .h5 (HDF5), not {out.name!r}")
-    client = connect()
     try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise click.ClickException(
-            f"cannot reach Redis ({exc}); start redis-server or set GENDERSCORE_REDIS_URL"
-        ) from None
+        client = connect_checked()
+    except RedisUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     # Absolute paths: the worker resolves them, not this shell's working directory.
     args = [str(images_dir.resolve()), str(labels_csv.resolve()), str(out.resolve())]
     result = app.send_task(TASK_NAME, args=args, kwargs=options, queue=TRAINING_QUEUE)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -52,6 +53,32 @@ return settled
 def read_hash(client: redis.Redis, key: str) -> dict[str, str]:
     """HGETALL of a client made by ``connect`` (it decodes to str)."""
     return cast(dict[str, str], client.hgetall(key))
+
+
+class RedisUnavailable(RuntimeError):
+    """No Redis answers at the configured URL; the message says what to do."""
+
+
+def redact(url: str) -> str:
+    """A Redis URL with its password hidden."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def connect_checked(url: str | None = None) -> redis.Redis:
+    """``connect``, then a PING: RedisUnavailable with a readable message if it fails."""
+    client = connect(url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise RedisUnavailable(
+            f"cannot reach Redis at {redact(url or settings.redis_url)} ({exc}); start "
+            "redis-server or set GENDERSCORE_REDIS_URL"
+        ) from None
+    return client
 
 
 def connect(url: str | None = None) -> redis.Redis:

@@ -271,3 +271,44 @@ def test_training_task_failure_is_recorded(
     assert info["state"] == "FAILURE" and "no 'gender' column" in info["error"]
     with pytest.raises(ValueError, match="unknown training options epoch"):
         run_training("test-task-3", "a", "b", "c.h5", {"epoch": 1}, client=redis_client)
+
+
+def test_submit_trains_on_a_real_training_worker_and_status_shows_epochs(
+    course_data: dict[str, Any], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from producer.cli import main
+    from tests.helpers import celery_worker
+    from worker.model import file_sha256
+
+    out = tmp_path / "submitted.h5"
+    log = tmp_path / "training-worker.log"
+    with celery_worker("training", concurrency=1, log_path=log, name="trainer"):
+        result = CliRunner().invoke(
+            main,
+            [
+                "train",
+                str(course_data["images"]),
+                str(course_data["profile"]),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--image-size",
+                str(IMAGE_SIZE),
+                "--val-fraction",
+                "0.2",
+                "--submit",
+                "--timeout",
+                "240",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        status = CliRunner().invoke(main, ["status"])
+    assert "epoch 1/2" in result.output and "epoch 2/2" in result.output
+    assert "vs majority baseline" in result.output
+    assert status.exit_code == 0, status.output
+    training_rows = [line for line in status.output.splitlines() if "SUCCESS" in line]
+    assert training_rows and "2/2" in training_rows[0]
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["sha256"] == file_sha256(out)
+    assert "training worker: visibility timeout" in log.read_text()
