@@ -16,6 +16,8 @@ the requests are handed back for requeueing: they never become error records.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import time
@@ -89,6 +91,17 @@ def with_redis_retry(action: Callable[[], T], what: str, budget_s: float) -> T:
             delay = min(delay * 2, 5.0)
 
 
+# Decoding pictures of many sizes fragments glibc's heap: a pool process's peak RSS
+# grew from 760 to 817 MB over 20,000 pictures (bench) until freed pages were returned.
+TRIM_EVERY = 32
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _maybe_crash_for_tests(userid: str) -> None:
     marker = os.environ.get(CRASH_MARKER_ENV)
     if marker and marker in userid:
@@ -103,6 +116,7 @@ class BatchScorer:
         self.client = client
         self.models = ModelCache(tf_threads=None if processes <= 0 else _threads(processes))
         self._reported_loads = 0
+        self._batches = 0
 
     def process(self, requests: Sequence[ScoreRequest]) -> BatchReply:
         """Score a batch and record every outcome; return what to ack and to requeue."""
@@ -131,6 +145,9 @@ class BatchScorer:
                     "run %s: Redis fault, requeueing %d requests: %s", run_id, len(group), exc
                 )
                 reply.requeue += [r.request_id for r in group]
+        self._batches += 1
+        if self._batches % TRIM_EVERY == 0:
+            release_free_memory()
         return reply
 
     def _process_group(
