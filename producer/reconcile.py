@@ -69,7 +69,7 @@ def reconcile_run(
         added = add_new_ids(client, run_id, scan_pictures(images).userids)
         log.info("run %s: %d userids restored from %s", run_id, len(added), images)
     todo = unsettled(client, run_id)
-    publish(app, run_id, todo, images.resolve(), model_path.resolve())
+    publish(app, run_id, todo, images.resolve(), model_path.resolve(), client=client)
     seal_run(client, run_id, int(client.scard(keys.ids)))
     return len(todo)
 
@@ -106,6 +106,6 @@ def repair_stalled(app: Celery, client: redis.Redis, run_id: str) -> int:
     todo = unsettled(client, run_id)
     if todo and "images_dir" in meta and "model" in meta:
         log.warning("run %s stalled: re-enqueueing %d userids lost in transit", run_id, len(todo))
-        publish(app, run_id, todo, Path(meta["images_dir"]), Path(meta["model"]))
+        publish(app, run_id, todo, Path(meta["images_dir"]), Path(meta["model"]), client=client)
         return len(todo)
     return 0

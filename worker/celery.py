@@ -104,7 +104,7 @@ def configure_worker(sender: Any = None, conf: Any = None, options: Any = None, 
             )
         conf.broker_transport_options = transport_options(settings, training=True)
         conf.worker_prefetch_multiplier = 1
-        log.info("training worker: visibility timeout %ss", settings.training_visibility_timeout)
+        _role.append(TRAINING_QUEUE)
     elif not queues or SCORE_QUEUE in queues:
         from worker.model import ModelError, check_h5_config, read_metadata, verify_model_file
 
@@ -117,6 +117,17 @@ def configure_worker(sender: Any = None, conf: Any = None, options: Any = None, 
 
 
 _pool_processes = 0
+_role: list[str] = []  # set by configure_worker, logged once logging is set up
+
+
+@signals.worker_ready.connect
+def log_role(**_: Any) -> None:
+    """Say which transport settings this worker runs with."""
+    if TRAINING_QUEUE in _role:
+        log.info(
+            "training worker: visibility timeout %ss, prefetch 1, own unacked index",
+            settings.training_visibility_timeout,
+        )
 
 
 def pool_processes() -> int:

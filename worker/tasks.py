@@ -87,6 +87,20 @@ class ScoreBatches(Batches):  # type: ignore[misc]
             for req in by_id.values():
                 req.send_event("task-started")
 
+        for req in requests:
+            # Messages are published without Celery's sent event (see producer.enqueue):
+            # this tells Flower the task's name and arguments.
+            req.send_event(
+                "task-received",
+                name=req.name,
+                args=req.argsrepr,
+                kwargs=req.kwargsrepr,
+                root_id=req.root_id,
+                parent_id=req.parent_id,
+                retries=0,
+                eta=None,
+                expires=None,
+            )
         batch = ([SimpleRequest.from_request(r) for r in requests],)
         return self._pool.apply_async(
             apply_batches_task,

@@ -153,14 +153,30 @@ class FaultEnv:
         keys = self.keys(run_id)
         return self.client.hgetall(keys.pred), self.client.hgetall(keys.err)
 
-    def wait_settled(self, run_id: str, total: int, timeout: float) -> None:
-        """Wait until ``total`` userids of the run are settled."""
+    def wait_settled(self, run_id: str, total: int, timeout: float, stall: float = 20) -> None:
+        """Wait until ``total`` userids of the run are settled.
+
+        Like ``score --wait``, a run without progress for ``stall`` seconds gets the stall
+        repair: a message lost in transit (popped by BRPOP just before its worker or its
+        connection died, so never recorded as unacked) is enqueued again.
+        """
+        from producer.reconcile import repair_stalled
+        from worker.celery import app
+
         keys = self.keys(run_id)
         deadline = time.monotonic() + timeout
+        last, last_change = -1, time.monotonic()
         while time.monotonic() < deadline:
             try:
-                if self.client.hlen(keys.pred) + self.client.hlen(keys.err) >= total:
+                settled = self.client.hlen(keys.pred) + self.client.hlen(keys.err)
+                if settled >= total:
                     return
+                if settled != last:
+                    last, last_change = settled, time.monotonic()
+                elif time.monotonic() - last_change > stall:
+                    with mock.patch.object(settings, "key_prefix", self.prefix):
+                        repair_stalled(app, self.client, run_id)
+                    last_change = time.monotonic()
             except redis.ConnectionError:
                 pass
             time.sleep(0.25)

@@ -38,6 +38,7 @@ from tests.helpers import (
 from worker.keys import nightly_lock, runs_index
 from worker.settings import Settings
 
+BASE = 7_000_000  # userids no other test of the session uses
 TICK = 2  # seconds between beat's nightly tasks
 
 
@@ -167,7 +168,8 @@ def test_nightly_runs_score_only_new_pictures_once(
     tmp_path: Path,
 ) -> None:
     pictures, out = tmp_path / "pictures", tmp_path / "out"
-    first = make_pictures(pictures, 10)
+    # Userids of its own: the session's other runs fill the same model's scored index.
+    first = make_pictures(pictures, 10, start=BASE)
     (pictures / "notes.txt").write_text("not a picture")
     env = {
         "GENDERSCORE_NIGHTLY_CRON": str(TICK),
@@ -198,8 +200,8 @@ def test_nightly_runs_score_only_new_pictures_once(
 
         # Change the folder under the lock, so that no run sees half of the change.
         with holding_lock(redis_client):
-            added = make_pictures(pictures, 3, start=10)
-            changed = userid(2)
+            added = make_pictures(pictures, 3, start=BASE + 10)
+            changed = userid(BASE + 2)
             (pictures / f"{changed}.jpg").write_bytes(jpeg_bytes(picture("male", seed=999)))
         wait_for(lambda: len(dated_csvs(out)) == 2, "the second nightly CSV")
         second_csv = dated_csvs(out)[1]
