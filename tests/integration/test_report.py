@@ -157,7 +157,8 @@ def test_report_numbers_match_the_csv(
     assert finished[:19] >= max(r["scored_at"] for r in rows)[:19]
     wall = float(fact(page, "wall_time").removesuffix(" s"))
     rate = float(fact(page, "images_per_s"))
-    assert rate == pytest.approx(len(rows) / wall, rel=0.06, abs=0.2)
+    # The page rounds the wall time to 0.1 s: a warm worker's run can take under a second.
+    assert len(rows) / (wall + 0.05) - 0.1 <= rate <= len(rows) / max(wall - 0.05, 0.01) + 0.1
 
     # Errors: every one listed, and counted by type.
     assert sorted(page.error_rows) == sorted([e["userid"], e["error"]] for e in errors)
