@@ -21,9 +21,6 @@ if TYPE_CHECKING:
     from producer.collect import RunData
 
 log = logging.getLogger("genderscore")
-# --wait re-enqueues userids lost in transit after this long without progress (only when
-# the queue is empty and no delivered message of the run is unacknowledged).
-STALL_SECONDS = 60.0
 
 
 def _settings() -> Any:
@@ -129,11 +126,10 @@ def score(
     from producer.enqueue import enqueue_run
     from producer.newness import only_new_userids
     from worker.celery import app
-    from worker.model import ModelError, check_h5_config, read_metadata, verify_model_file
+    from worker.model import ModelError, check_model_file
 
     try:
-        sha = verify_model_file(model_path, read_metadata(model_path))
-        check_h5_config(model_path)
+        sha = check_model_file(model_path)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
     client = _redis()
@@ -158,19 +154,11 @@ def _wait_and_collect(
     client: redis.Redis, run_id: str, out: Path | None, timeout: float | None
 ) -> None:
     from producer.collect import IncompleteRun, collect
-    from producer.follow import wait_for_run
-    from producer.reconcile import repair_stalled
+    from producer.follow import follow_run
     from worker.celery import app
 
-    _settings()
     try:
-        wait_for_run(
-            client,
-            run_id,
-            timeout=timeout,
-            repair=lambda: repair_stalled(app, client, run_id),
-            stall_after=STALL_SECONDS,
-        )
+        follow_run(app, client, run_id, timeout=timeout)
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None
     target = out or Path("out") / f"{run_id}.csv"

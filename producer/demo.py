@@ -147,12 +147,13 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
     """Sample set -> trained model -> Celery scoring run -> CSV and evaluation."""
     from producer.collect import collect
     from producer.enqueue import enqueue_run
-    from producer.follow import wait_for_run
+    from producer.follow import follow_run
     from producer.scan import scan_pictures
     from training.evaluate import evaluate, format_evaluation
     from training.sample import make_sample
     from training.train import train
     from worker.celery import app
+    from worker.model import check_model_file
     from worker.results import connect
 
     images, profile = make_sample(workdir / "data", count)
@@ -172,12 +173,10 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
         stack.enter_context(ensure_redis(settings.redis_url, workdir / "redis"))
         stack.enter_context(ensure_worker(model, workdir / "worker.log"))
         client = connect()
-        from worker.model import file_sha256
-
         scan = scan_pictures(images)
-        run = enqueue_run(app, client, images, model, file_sha256(model), scan.userids)
+        run = enqueue_run(app, client, images, model, check_model_file(model), scan.userids)
         log.info("run %s: %d pictures enqueued on the score queue", run.run_id, run.published)
-        wait_for_run(client, run.run_id, timeout=600)
+        follow_run(app, client, run.run_id, timeout=600)
         out = workdir / "out" / f"{run.run_id}.csv"
         collect(client, run.run_id, out)
     summary = format_evaluation(evaluate(out, profile))

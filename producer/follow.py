@@ -9,10 +9,15 @@ from collections.abc import Callable
 from typing import TextIO
 
 import redis
+from celery import Celery
 
+from producer.reconcile import repair_stalled
 from worker.results import RunCounts, run_counts
 
 log = logging.getLogger(__name__)
+# Without progress for this long, userids lost in transit are enqueued again (only when
+# the queue is empty and no delivered message of the run is unacknowledged).
+STALL_SECONDS = 60.0
 
 
 def format_progress(counts: RunCounts, rate: float) -> str:
@@ -90,3 +95,16 @@ def wait_for_run(
                 out.write("\n")
             raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s: {line}")
         time.sleep(interval)
+
+
+def follow_run(
+    app: Celery, client: redis.Redis, run_id: str, timeout: float | None = None
+) -> RunCounts:
+    """``wait_for_run`` with the stall repair: how ``score --wait`` and the demo follow."""
+    return wait_for_run(
+        client,
+        run_id,
+        timeout=timeout,
+        repair=lambda: repair_stalled(app, client, run_id),
+        stall_after=STALL_SECONDS,
+    )

@@ -29,7 +29,7 @@ def score_local(
     """Score every userid's picture in this process; return it as a run's data."""
     from worker.ids import picture_path
     from worker.model import load_bundle
-    from worker.scoring import Failed, predict_raw, prepare, to_outcome
+    from worker.scoring import Failed, infer, prepare
 
     bundle = load_bundle(model_path, tf_threads=cpu_count())
     size = batch_size or settings.batch_size
@@ -37,8 +37,6 @@ def score_local(
     predictions: dict[str, Prediction] = {}
     errors: dict[str, str] = {}
     started = time.time()
-    import numpy as np
-
     with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
 
         def submit(start: int) -> list[Future[Any]]:
@@ -48,21 +46,13 @@ def score_local(
         for start in range(0, len(items), CHUNK):
             prepared = [f.result() for f in pending]
             pending = submit(start + CHUNK)  # decode the next chunk during inference
-            ready = []
-            for (userid, _), entry in zip(items[start : start + CHUNK], prepared, strict=True):
-                if isinstance(entry, Failed):
-                    errors[userid] = entry.reason
+            outcomes = infer(bundle, items[start : start + CHUNK], prepared, size)
+            now = time.time()
+            for outcome in outcomes:
+                if isinstance(outcome, Failed):
+                    errors[outcome.userid] = outcome.reason
                 else:
-                    ready.append((userid, entry))
-            if ready:
-                raw = predict_raw(bundle, np.stack([e[0] for _, e in ready]), size)
-                now = time.time()
-                for (userid, (_, digest)), value in zip(ready, raw, strict=True):
-                    outcome = to_outcome(bundle, userid, float(value), digest)
-                    if isinstance(outcome, Failed):
-                        errors[userid] = outcome.reason
-                    else:
-                        predictions[userid] = Prediction(outcome.p_female, outcome.gender, now)
+                    predictions[outcome.userid] = Prediction(outcome.p_female, outcome.gender, now)
             if progress:
                 progress(len(prepared))
     meta = {

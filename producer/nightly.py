@@ -37,7 +37,7 @@ from producer.scan import scan_pictures
 from worker.celery import SCORE_QUEUE, app
 from worker.files import errors_path, write_atomic
 from worker.keys import nightly_lock
-from worker.model import check_h5_config, read_metadata, verify_model_file
+from worker.model import check_model_file
 from worker.results import connect, run_counts
 from worker.settings import Settings, settings
 
@@ -184,8 +184,7 @@ def start_nightly(
         return NightlyStart("locked")
     try:
         model = Path(config.model)
-        sha = verify_model_file(model, read_metadata(model))
-        check_h5_config(model)
+        sha = check_model_file(model)
         images_dir = Path(config.images_dir)
         scan = scan_pictures(images_dir)
         if scan.skipped:

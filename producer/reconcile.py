@@ -20,7 +20,7 @@ from celery import Celery
 from producer.enqueue import SCORE_TASK, add_new_ids, publish
 from producer.scan import scan_pictures
 from worker.keys import prefix, run_keys
-from worker.model import ModelError, read_metadata, verify_model_file
+from worker.model import ModelError, check_model_file
 from worker.results import create_run, read_hash, seal_run
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def reconcile_run(
             f"Redis has no metadata for run {run_id}: pass --images DIR and --model PATH"
         )
     try:
-        sha = verify_model_file(model_path, read_metadata(model_path))
+        sha = check_model_file(model_path)
     except ModelError as exc:
         raise ReconcileError(str(exc)) from None
     create_run(

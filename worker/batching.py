@@ -31,7 +31,7 @@ import redis
 
 from worker.ids import InvalidUserid, check_run_id, check_userid, picture_path
 from worker.keys import model_loads
-from worker.model import ModelCache, ModelError
+from worker.model import ModelCache, ModelError, default_tf_threads
 from worker.results import count_skips, count_solo_attempt, record_outcomes, start_batch
 from worker.scoring import Failed, Outcome, score_pictures
 from worker.settings import settings
@@ -114,7 +114,9 @@ class BatchScorer:
 
     def __init__(self, client: redis.Redis, processes: int = 1) -> None:
         self.client = client
-        self.models = ModelCache(tf_threads=None if processes <= 0 else _threads(processes))
+        self.models = ModelCache(
+            tf_threads=None if processes <= 0 else default_tf_threads(processes)
+        )
         self._reported_loads = 0
         self._batches = 0
 
@@ -232,9 +234,3 @@ class BatchScorer:
                 self.client.hincrby(model_loads(), f"{os.uname().nodename}:{os.getpid()}", new)
             except redis.RedisError:
                 log.warning("could not record the model load in Redis")
-
-
-def _threads(processes: int) -> int:
-    from worker.model import default_tf_threads
-
-    return default_tf_threads(processes)

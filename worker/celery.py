@@ -106,12 +106,11 @@ def configure_worker(sender: Any = None, conf: Any = None, options: Any = None, 
         conf.worker_prefetch_multiplier = 1
         _role.append(TRAINING_QUEUE)
     elif not queues or SCORE_QUEUE in queues:
-        from worker.model import ModelError, check_h5_config, read_metadata, verify_model_file
+        from worker.model import ModelError, check_model_file
 
         # Fail at start, not on every task: check the default model without TensorFlow.
         try:
-            verify_model_file(settings.model, read_metadata(settings.model))
-            check_h5_config(settings.model)
+            check_model_file(settings.model)
         except ModelError as exc:
             raise SystemExit(f"genderscore: {exc}") from None
 

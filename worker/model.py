@@ -150,6 +150,14 @@ def check_h5_config(model_path: Path) -> None:
         raise ModelError(f"{model_path} contains {', '.join(bad)} layers (arbitrary code): refused")
 
 
+def check_model_file(model_path: Path) -> str:
+    """Everything checkable without TensorFlow: sha256 against the metadata, no Lambda
+    layers. Returns the sha256; raises ModelError."""
+    sha = verify_model_file(model_path, read_metadata(model_path))
+    check_h5_config(model_path)
+    return sha
+
+
 def configure_tensorflow(threads: int | None = None) -> None:
     """Set TensorFlow's thread pools (before its first op) and GPU memory growth."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

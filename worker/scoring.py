@@ -8,20 +8,15 @@ the forward pass runs on whole batches with ``predict_on_batch``, never one
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from worker.model import ModelBundle
 from worker.preprocess import PictureError, load_picture, preprocess
-
-T = TypeVar("T")
-R = TypeVar("R")
-Mapper = Callable[[Callable[[T], R], Iterable[T]], Iterable[R]]
 
 
 @dataclass(frozen=True)
@@ -80,9 +75,11 @@ def content_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-def prepare(
-    bundle: ModelBundle, item: tuple[str, Path]
-) -> tuple[NDArray[np.float32], str] | Failed:
+Prepared = tuple[NDArray[np.float32], str] | Failed  # (array, content digest) or why not
+
+
+def prepare(bundle: ModelBundle, item: tuple[str, Path]) -> Prepared:
+    """Read and preprocess one ``(userid, path)``: its array and digest, or a Failed."""
     userid, path = item
     try:
         data = load_picture(path)
@@ -91,26 +88,24 @@ def prepare(
         return Failed(userid, exc.kind, exc.message)
 
 
-def score_pictures(
+def infer(
     bundle: ModelBundle,
     items: Sequence[tuple[str, Path]],
+    prepared: Sequence[Prepared],
     batch_size: int,
-    mapper: Mapper[tuple[str, Path], tuple[NDArray[np.float32], str] | Failed] = map,
 ) -> list[Outcome]:
-    """Score ``(userid, path)`` pairs; the result has one outcome per item, in order.
-
-    ``mapper`` decodes the pictures (``map`` in a worker process, a thread pool's
-    ``map`` for ``--local``).
-    """
-    prepared = list(mapper(lambda item: prepare(bundle, item), items))
-    outcomes: list[Outcome] = []
-    ready: list[tuple[int, NDArray[np.float32], str]] = []
-    for index, entry in enumerate(prepared):
-        outcomes.append(entry if isinstance(entry, Failed) else Failed(items[index][0], "", ""))
-        if not isinstance(entry, Failed):
-            ready.append((index, entry[0], entry[1]))
+    """Forward passes over prepared pictures: one outcome per item, in order."""
+    outcomes: list[Outcome | None] = [e if isinstance(e, Failed) else None for e in prepared]
+    ready = [(i, e) for i, e in enumerate(prepared) if not isinstance(e, Failed)]
     if ready:
-        raw = predict_raw(bundle, np.stack([array for _, array, _ in ready]), batch_size)
-        for (index, _, digest), value in zip(ready, raw, strict=True):
+        raw = predict_raw(bundle, np.stack([array for _, (array, _) in ready]), batch_size)
+        for (index, (_, digest)), value in zip(ready, raw, strict=True):
             outcomes[index] = to_outcome(bundle, items[index][0], float(value), digest)
-    return outcomes
+    return [o for o in outcomes if o is not None]  # every slot is filled by now
+
+
+def score_pictures(
+    bundle: ModelBundle, items: Sequence[tuple[str, Path]], batch_size: int
+) -> list[Outcome]:
+    """Score ``(userid, path)`` pairs; the result has one outcome per item, in order."""
+    return infer(bundle, items, [prepare(bundle, item) for item in items], batch_size)
