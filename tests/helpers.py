@@ -88,6 +88,28 @@ def celery_worker(
             log_file.close()  # type: ignore[union-attr]
 
 
+@contextmanager
+def background(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A subprocess of this session's environment, logging to ``log``, stopped at the end."""
+    with log.open("ab") as handle:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=worker_env(env),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield proc
+        finally:
+            stop_process(proc)
+
+
 def wait_ready(proc: subprocess.Popen[bytes], log_path: Path | None, timeout: float = 60) -> None:
     """Wait until the worker logs 'ready' (or fail with its log)."""
     deadline = time.monotonic() + timeout

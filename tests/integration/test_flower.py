@@ -22,7 +22,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +32,7 @@ import yaml
 from click.testing import CliRunner
 
 from producer.cli import main
-from tests.helpers import ROOT, celery_worker, make_pictures, stop_process, worker_env
+from tests.helpers import ROOT, background, celery_worker, make_pictures
 
 pytestmark = pytest.mark.slow
 
@@ -74,28 +73,6 @@ def wait_until(check: Callable[[], T], what: str, timeout: float = 60) -> T:
             last = exc
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-@contextmanager
-def background(
-    cmd: list[str],
-    log: Path,
-    env: dict[str, str] | None = None,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A subprocess of this session's environment, logging to ``log``, stopped at the end."""
-    with log.open("ab") as handle:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=worker_env(env),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield proc
-        finally:
-            stop_process(proc)
 
 
 def flower_settings() -> dict[str, str]:

@@ -28,10 +28,10 @@ from producer.nightly import (
 )
 from tests.helpers import (
     ROOT,
+    background,
     jpeg_bytes,
     make_pictures,
     picture,
-    stop_process,
     userid,
     worker_env,
 )
@@ -103,29 +103,19 @@ def celery_beat(env: dict[str, str], folder: Path) -> Iterator[Path]:
     """``celery -A worker beat`` as a subprocess with its own schedule file; yields its log."""
     folder.mkdir(parents=True)
     log = folder / "beat.log"
-    with log.open("ab") as handle:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker",
-                "beat",
-                "--loglevel=INFO",
-                "-s",
-                str(folder / "schedule"),
-            ],
-            cwd=ROOT,
-            env=worker_env(env),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield log
-        finally:
-            stop_process(proc)
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker",
+        "beat",
+        "--loglevel=INFO",
+        "-s",
+        str(folder / "schedule"),
+    ]
+    with background(cmd, log, env):
+        yield log
 
 
 def dated_csvs(out: Path) -> list[Path]:
