@@ -72,7 +72,8 @@ def enqueue(client: redis.Redis, count: int, images_dir: Path, model: Path,
         raise RuntimeError(f"{queue_key} is not empty: is a worker of this prefix running?")
     with _cleanup(client, [*run_keys(run_id).all(), queue_key]):
         started = time.perf_counter()
-        result = enqueue_run(app, client, images_dir, model, model_sha, userids, run_id)
+        pictures = [(u, f"{u}.jpg") for u in userids]
+        result = enqueue_run(app, client, str(images_dir), pictures, model, model_sha, run_id)
         seconds = time.perf_counter() - started
         queued = int(client.llen(queue_key))
         client.zrem(runs_index(), run_id)
@@ -100,7 +101,7 @@ def collect(client: redis.Redis, count: int, scan_counts: tuple[int, ...] = ()) 
     userids = synthetic_userids(count, run_id)
     now = time.time()
     with _cleanup(client, list(keys.all())), tempfile.TemporaryDirectory() as tmp:
-        create_run(client, run_id, {"model_sha": "0" * 64, "model": "bench.h5"})
+        create_run(client, run_id, {"model_sha": "0" * 64, "model": "bench.h5", "source": "/b"})
         memory_before = used_memory(client)
         write_started = time.perf_counter()
         for start in range(0, count, WRITE_CHUNK):
@@ -115,7 +116,7 @@ def collect(client: redis.Redis, count: int, scan_counts: tuple[int, ...] = ()) 
         memory_pred = used_memory(client)
         pipe = client.pipeline(transaction=False)
         for start in range(0, count, WRITE_CHUNK):
-            pipe.sadd(keys.ids, *userids[start : start + WRITE_CHUNK])
+            pipe.hset(keys.ids, mapping={u: f"{u}.jpg" for u in userids[start : start + WRITE_CHUNK]})
         pipe.execute()
         memory_ids = used_memory(client)
         seal_run(client, run_id, count)

@@ -104,7 +104,7 @@ def score(
     only_new: bool,
     timeout: float | None,
 ) -> None:
-    """Score every <userid>.jpg of IMAGES_DIR; prints the run id."""
+    """Score every <userid>.jpg (.jpeg, .png, .webp) of IMAGES_DIR; prints the run id."""
     from producer.scan import scan_pictures
 
     settings = _settings()
@@ -115,7 +115,7 @@ def score(
         from producer.collect import write_outputs
         from producer.local import score_local
 
-        data = score_local(model_path, images_dir, scan.userids)
+        data = score_local(model_path, scan.images_dir, scan.pictures)
         target = out or Path("out") / "local.csv"
         written = write_outputs(data, target)
         click.echo(
@@ -124,22 +124,26 @@ def score(
         click.echo(str(written.csv_path))
         return
     from producer.enqueue import enqueue_run
-    from producer.newness import only_new_userids
+    from producer.newness import only_new_pictures
     from worker.celery import app
     from worker.model import ModelError, check_model_file
+    from worker.results import RunConflict
 
     try:
         sha = check_model_file(model_path)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from None
     client = _redis()
-    userids = scan.userids
+    pictures = scan.pictures
     if only_new:
-        userids, unchanged = only_new_userids(client, sha, images_dir, userids)
+        pictures, unchanged = only_new_pictures(client, sha, scan.images_dir, pictures)
         click.echo(
             f"--only-new: {unchanged} pictures already scored by this model, skipped", err=True
         )
-    result = enqueue_run(app, client, images_dir, model_path, sha, userids, run_id)
+    try:
+        result = enqueue_run(app, client, str(scan.images_dir), pictures, model_path, sha, run_id)
+    except RunConflict as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(
         f"run {result.run_id}: {result.published} tasks enqueued"
         + (f", {result.already_in_run} already in the run" if result.already_in_run else ""),
@@ -272,7 +276,8 @@ def report(run_id: str, labels: Path | None, out: Path, partial: bool) -> None:
         model_meta = None
         if data.meta.get("model"):
             try:
-                model_meta = read_metadata(Path(data.meta["model"]))
+                metadata = read_metadata(Path(data.meta["model"]))
+                model_meta = metadata.model_dump() if metadata else None
             except ModelError as exc:
                 log.warning("%s", exc)
         if model_meta is None:

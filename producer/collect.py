@@ -20,7 +20,7 @@ import redis
 from worker.files import errors_path, write_csv_atomic
 from worker.keys import run_keys
 from worker.labels import encode_gender_like, read_table
-from worker.results import Prediction, decode_prediction, read_hash
+from worker.results import Prediction, decode_prediction, read_hash, run_userids
 
 CSV_COLUMNS = ("userid", "gender", "p_female", "model", "scored_at")
 SCAN_COUNT = 5000  # HSCAN page size: large pages, few round trips
@@ -65,7 +65,7 @@ def load_run(client: redis.Redis, run_id: str) -> RunData:
         raise KeyError(f"no run {run_id!r} in Redis (see `genderscore status`)")
     predictions = {uid: decode_prediction(v) for uid, v in _hscan(client, keys.pred)}
     errors = {uid: reason for uid, reason in _hscan(client, keys.err) if uid not in predictions}
-    expected = set(client.sscan_iter(keys.ids, count=SCAN_COUNT))
+    expected = set(run_userids(client, run_id))
     missing = sorted(expected - predictions.keys() - errors.keys())
     return RunData(run_id, meta, predictions, errors, missing)
 
@@ -109,7 +109,7 @@ def write_outputs(data: RunData, out: Path, profiles: Path | None = None) -> Col
     if profiles is None:
         model_id = data.model_id
         rows = (
-            (uid, p.gender, f"{p.p_female:.6f}", model_id, iso(p.scored_at))
+            (uid, p.gender, f"{p.p_female:.6f}", p.model or model_id, iso(p.scored_at))
             for uid, p in sorted(data.predictions.items(), key=itemgetter(0))
         )
         write_csv_atomic(out, CSV_COLUMNS, rows)

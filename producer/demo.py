@@ -174,7 +174,9 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
         stack.enter_context(ensure_worker(model, workdir / "worker.log"))
         client = connect()
         scan = scan_pictures(images)
-        run = enqueue_run(app, client, images, model, check_model_file(model), scan.userids)
+        run = enqueue_run(
+            app, client, str(scan.images_dir), scan.pictures, model, check_model_file(model)
+        )
         log.info("run %s: %d pictures enqueued on the score queue", run.run_id, run.published)
         follow_run(app, client, run.run_id, timeout=600)
         out = workdir / "out" / f"{run.run_id}.csv"

@@ -22,18 +22,18 @@ CHUNK = 512
 def score_local(
     model_path: Path,
     images_dir: Path,
-    userids: Sequence[str],
+    pictures: Sequence[tuple[str, str]],
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> RunData:
-    """Score every userid's picture in this process; return it as a run's data."""
-    from worker.ids import picture_path
+    """Score the ``(userid, file name)`` pictures of a folder in this process; return them
+    as a run's data."""
     from worker.model import load_bundle
     from worker.scoring import Failed, infer, prepare
 
     bundle = load_bundle(model_path, tf_threads=cpu_count())
     size = batch_size or settings.batch_size
-    items = [(u, picture_path(images_dir, u)) for u in userids]
+    items = [(u, images_dir / name) for u, name in pictures]
     predictions: dict[str, Prediction] = {}
     errors: dict[str, str] = {}
     started = time.time()
@@ -58,7 +58,7 @@ def score_local(
     meta = {
         "model": str(model_path),
         "model_sha": bundle.sha256,
-        "images_dir": str(images_dir),
+        "source": str(images_dir),
         "started_at": f"{started:.3f}",
         "finished_at": f"{time.time():.3f}",
         "total": str(len(items)),

@@ -29,7 +29,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from producer.status import queue_lengths
+from worker.broker import queue_lengths
 from worker.celery import SCORE_QUEUE, TRAINING_QUEUE
 from worker.keys import nightly_lock, runs_index
 from worker.results import run_counts
@@ -88,7 +88,7 @@ class RunsCollector(Collector):
             }
             for name, value in values.items():
                 runs[name].add_metric(labels, value)
-        lengths = queue_lengths(self.client)
+        lengths = queue_lengths()
         waiting = GaugeMetricFamily(
             "genderscore_queue_length", "Messages waiting in the queue.", labels=["queue"]
         )

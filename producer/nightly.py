@@ -1,25 +1,33 @@
 """Nightly scoring of new profiles: a Celery beat entry, a Redis lock and two plain tasks.
 
 Beat sends ``genderscore.nightly`` on ``GENDERSCORE_NIGHTLY_CRON`` (UTC; a plain number
-is an interval in seconds, for tests) with the folder, output folder and model of its
-own settings as arguments, so any scoring worker can run it. The task takes the
-nightly lock, enqueues only the pictures the model has not scored as they are now
-(``producer.newness``) and hands over to ``genderscore.nightly_finish``, which checks
-the run every ``GENDERSCORE_NIGHTLY_POLL_SECONDS`` (a countdown, not a sleep: no pool
-process waits for the run), then writes ``<output>/<YYYY-MM-DD>-<run_id>.csv``, copies
-it to ``<output>/latest.csv`` and releases the lock.
+is an interval in seconds, for tests), with no arguments: the worker that runs it reads
+the folder, output folder and model from its own settings (a message never names a
+path). The task takes the nightly lock, refuses a source that is empty or shrank below
+``GENDERSCORE_NIGHTLY_MIN_SHARE`` of the previous night's, enqueues only the pictures
+the model has not scored as they are now (``producer.newness``) and hands over to
+``genderscore.nightly_finish``, which checks the run every
+``GENDERSCORE_NIGHTLY_POLL_SECONDS`` (a countdown, not a sleep: no pool process waits
+for the run), then writes ``<output>/<YYYY-MM-DD>-<run_id>.csv``, copies it to
+``<output>/latest.csv`` and releases the lock.
 
 The lock (``SET NX`` with ``GENDERSCORE_NIGHTLY_LOCK_SECONDS`` of expiry) is what keeps
 two nightly runs from overlapping, whatever number of beat processes send the task: a
 nightly task that finds it held logs a line and ends. A run still unfinished when its
-lock is about to expire is collected as it is (missing pictures go to the errors file).
+lock is about to expire is collected as it is (its pending pictures go to the errors
+file as ``missing``) and is remembered as undelivered: every later night adds the
+results that arrived since to its own CSV, so a picture counts as delivered only once
+it is in a nightly output. Each night records its outcome in Redis
+(``nightly:last_success``, ``nightly:last_failure``), which the metrics export.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,14 +37,22 @@ from celery import Celery, Task, signals
 from celery.schedules import ParseException, crontab, schedule
 from celery.utils.log import get_task_logger
 
-from producer.collect import Collected, collect
+from producer.collect import Collected, RunData, load_run, write_outputs
 from producer.enqueue import enqueue_run, new_run_id
-from producer.newness import only_new_userids
+from producer.newness import only_new_pictures
 from producer.reconcile import repair_stalled
 from producer.scan import scan_pictures
 from worker.celery import SCORE_QUEUE, app
 from worker.files import errors_path, write_atomic
-from worker.keys import nightly_lock
+from worker.ids import check_run_id
+from worker.keys import (
+    nightly_count,
+    nightly_last_failure,
+    nightly_last_success,
+    nightly_lock,
+    nightly_undelivered,
+    nightly_undelivered_runs,
+)
 from worker.model import check_model_file
 from worker.results import connect, run_counts
 from worker.settings import Settings, settings
@@ -48,6 +64,8 @@ NIGHTLY_TASK = "genderscore.nightly"
 FINISH_TASK = "genderscore.nightly_finish"
 SCHEDULE_ENTRY = "genderscore-nightly"
 LATEST = "latest.csv"
+NIGHTLY_RUN_RE = re.compile(r"nightly-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}")
+TASK_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 # Compare-and-delete: a run releases the lock only while it still holds it.
 _RELEASE = """
@@ -84,29 +102,27 @@ def parse_schedule(expression: str) -> crontab | schedule:
 
 @dataclass(frozen=True)
 class NightlyConfig:
-    """What a nightly run works on: beat's settings, sent as the task's arguments."""
+    """What a nightly run works on, from the settings of the worker that runs it."""
 
-    images_dir: str
-    output_dir: str
-    model: str
+    images_dir: Path
+    output_dir: Path
+    model: Path
     lock_seconds: int
     poll_seconds: float
+    min_share: float
 
     @classmethod
     def from_settings(cls, s: Settings) -> NightlyConfig:
-        """The nightly configuration of settings ``s`` (its images folder must be set).
-
-        Paths are made absolute here: the worker that runs the task may have another
-        working directory (in docker-compose.yml every service mounts the same paths).
-        """
+        """The nightly configuration of settings ``s`` (its images folder must be set)."""
         if s.nightly_images_dir is None:
-            raise ValueError("GENDERSCORE_NIGHTLY_IMAGES_DIR is not set")
+            raise ValueError("GENDERSCORE_NIGHTLY_IMAGES_DIR is not set on this worker")
         return cls(
-            str(s.nightly_images_dir.resolve()),
-            str(s.nightly_output_dir.resolve()),
-            str(s.model.resolve()),
+            s.nightly_images_dir.resolve(),
+            s.nightly_output_dir.resolve(),
+            s.model.resolve(),
             s.nightly_lock_seconds,
             s.nightly_poll_seconds,
+            s.nightly_min_share,
         )
 
 
@@ -116,12 +132,7 @@ def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
     if s.nightly_images_dir is None:
         return {}
     return {
-        SCHEDULE_ENTRY: {
-            "task": NIGHTLY_TASK,
-            "schedule": every,
-            "kwargs": asdict(NightlyConfig.from_settings(s)),
-            "options": {"queue": SCORE_QUEUE},
-        }
+        SCHEDULE_ENTRY: {"task": NIGHTLY_TASK, "schedule": every, "options": {"queue": SCORE_QUEUE}}
     }
 
 
@@ -160,12 +171,44 @@ def release_lock(client: redis.Redis, run_id: str, task_id: str) -> bool:
 
 @dataclass(frozen=True)
 class NightlyStart:
-    """What ``start_nightly`` did: ``locked``, ``nothing_new`` or ``started``."""
+    """What ``start_nightly`` did: ``locked``, ``refused``, ``nothing_new`` or ``started``."""
 
     status: str
     run_id: str | None = None
     enqueued: int = 0
     skipped: int = 0
+    delivered_late: int = 0
+
+
+class SourceRefused(RuntimeError):
+    """The nightly source is empty or shrank too much: nothing is scored, the night fails."""
+
+
+def record_success(client: redis.Redis) -> None:
+    """The night went as planned (``nightly:last_success``, for the metrics)."""
+    client.set(nightly_last_success(), f"{time.time():.3f}")
+
+
+def record_failure(client: redis.Redis, reason: str) -> None:
+    """The night failed, and why (``nightly:last_failure``, for the metrics and alerts)."""
+    try:
+        client.hset(
+            nightly_last_failure(), mapping={"at": f"{time.time():.3f}", "reason": reason[:500]}
+        )
+    except redis.RedisError as exc:
+        log.error("nightly: cannot record the failure in Redis (%s): %s", exc, reason)
+
+
+def check_source_size(client: redis.Redis, count: int, min_share: float) -> None:
+    """Refuse an empty source, or one below ``min_share`` of the previous night's count."""
+    if count == 0:
+        raise SourceRefused("the nightly source holds no picture (is the share mounted?)")
+    previous = int(client.get(nightly_count()) or 0)
+    if previous and count < min_share * previous:
+        raise SourceRefused(
+            f"the nightly source shrank from {previous} to {count} pictures, below "
+            f"GENDERSCORE_NIGHTLY_MIN_SHARE={min_share} of the previous night's: refused"
+        )
 
 
 def start_nightly(
@@ -174,7 +217,8 @@ def start_nightly(
     """Take the lock, find the new or changed pictures and enqueue them as one run.
 
     The lock stays held when a run starts (``finish_nightly`` releases it); it is
-    released here when there is nothing to do or anything fails.
+    released here when there is nothing to score or anything fails. A night with
+    nothing new still delivers the late results of earlier nights.
     """
     run_id = acquire_lock(client, f"nightly-{new_run_id()}", task_id, config.lock_seconds)
     if run_id is None:
@@ -183,29 +227,40 @@ def start_nightly(
         )
         return NightlyStart("locked")
     try:
-        model = Path(config.model)
-        sha = check_model_file(model)
-        images_dir = Path(config.images_dir)
-        scan = scan_pictures(images_dir)
+        sha = check_model_file(config.model)
+        scan = scan_pictures(config.images_dir)
         if scan.skipped:
             log.warning(
-                "nightly: %d files of %s are not <userid>.jpg, skipped (first: %s)",
+                "nightly: %d files of %s are not pictures, skipped (first: %s)",
                 len(scan.skipped),
-                images_dir,
+                config.images_dir,
                 scan.skipped[0][0],
             )
-        userids, unchanged = only_new_userids(client, sha, images_dir, scan.userids)
-        if not userids:
+        check_source_size(client, len(scan.pictures), config.min_share)
+        client.set(nightly_count(), len(scan.pictures))
+        pictures, unchanged = only_new_pictures(client, sha, config.images_dir, scan.pictures)
+        if not pictures:
+            late = late_results(client, set())
             log.info(
                 "nightly: nothing new in %s (%d pictures, all scored by model %s)",
-                images_dir,
+                config.images_dir,
                 unchanged,
                 sha[:12],
             )
+            delivered = len(late.data.predictions) + len(late.data.errors)
+            if delivered:
+                night = RunData(run_id, {}, late.data.predictions, late.data.errors)
+                written = write_nightly_outputs(night, config.output_dir, time.time())
+                log.info("nightly: %d late results delivered in %s", delivered, written.csv_path)
+            forget_delivered(client, late)
+            record_success(client)
             release_lock(client, run_id, task_id)
-            return NightlyStart("nothing_new", skipped=unchanged)
-        result = enqueue_run(celery_app, client, images_dir, model, sha, userids, run_id)
-    except BaseException:
+            return NightlyStart("nothing_new", skipped=unchanged, delivered_late=delivered)
+        result = enqueue_run(
+            celery_app, client, str(scan.images_dir), pictures, config.model, sha, run_id
+        )
+    except BaseException as exc:
+        record_failure(client, f"run {run_id} did not start: {exc}")
         release_lock(client, run_id, task_id)
         raise
     log.info(
@@ -222,12 +277,65 @@ def nightly_csv(output_dir: Path, run_id: str, started_at: float) -> Path:
     return output_dir / f"{datetime.fromtimestamp(started_at, UTC):%Y-%m-%d}-{run_id}.csv"
 
 
-def write_nightly_outputs(
-    client: redis.Redis, run_id: str, output_dir: Path, partial: bool = False
-) -> Collected:
-    """Collect the run into its dated CSV, then replace ``latest.csv`` with a copy."""
-    started_at = float(run_counts(client, run_id).meta.get("started_at") or time.time())
-    written = collect(client, run_id, nightly_csv(output_dir, run_id, started_at), partial=partial)
+@dataclass
+class LateResults:
+    """What earlier nights owed and can deliver tonight."""
+
+    data: RunData  # the results that arrived since (each prediction with its own model)
+    owed_by: dict[str, set[str]]  # earlier run -> userids it no longer owes after tonight
+
+
+def late_results(client: redis.Redis, own: set[str]) -> LateResults:
+    """Results that earlier nights had not delivered and that have arrived since.
+
+    ``own`` are the userids of tonight's run: its own result wins, and the earlier
+    night no longer owes them.
+    """
+    late = LateResults(RunData("late", {}, {}, {}), {})
+    for run_id in sorted(map(str, client.smembers(nightly_undelivered_runs()))):
+        owed = set(map(str, client.smembers(nightly_undelivered(run_id))))
+        try:
+            earlier = load_run(client, run_id)
+        except KeyError:  # the run expired: nothing more will come
+            late.owed_by[run_id] = owed
+            continue
+        settled = set()
+        for userid in owed - own:
+            if userid in earlier.predictions:
+                prediction = earlier.predictions[userid]
+                late.data.predictions[userid] = prediction._replace(model=earlier.model_id)
+                settled.add(userid)
+            elif userid in earlier.errors:
+                late.data.errors[userid] = earlier.errors[userid]
+                settled.add(userid)
+        late.owed_by[run_id] = settled | (owed & own)
+    return late
+
+
+def forget_delivered(client: redis.Redis, late: LateResults) -> None:
+    """Earlier nights no longer owe what tonight delivered (or took over)."""
+    for run_id, done in late.owed_by.items():
+        key = nightly_undelivered(run_id)
+        if done:
+            client.srem(key, *done)
+        if not client.scard(key):
+            client.srem(nightly_undelivered_runs(), run_id)
+
+
+def merge(tonight: RunData, late: LateResults) -> RunData:
+    """Tonight's run with the late results of earlier nights added."""
+    predictions = {
+        userid: p._replace(model=p.model or tonight.model_id)
+        for userid, p in tonight.predictions.items()
+    }
+    predictions.update(late.data.predictions)
+    errors = {**tonight.errors, **late.data.errors}
+    return RunData(tonight.run_id, tonight.meta, predictions, errors, list(tonight.missing))
+
+
+def write_nightly_outputs(data: RunData, output_dir: Path, started_at: float) -> Collected:
+    """Write the night's dated CSV, then replace ``latest.csv`` with a copy."""
+    written = write_outputs(data, nightly_csv(output_dir, data.run_id, started_at))
     # Errors file first: a reader that sees the new latest.csv sees its errors too.
     write_atomic(errors_path(output_dir / LATEST), written.errors_path.read_bytes())
     write_atomic(output_dir / LATEST, written.csv_path.read_bytes())
@@ -239,32 +347,45 @@ def finish_nightly(
 ) -> Collected | None:
     """Write the run's CSVs and release the lock once it is finished (or past ``deadline``).
 
-    None while the run is still going.
+    None while the run is still going. A run collected unfinished is remembered as owing
+    its pending pictures to later nights.
     """
     counts = run_counts(client, run_id)
-    late = time.time() >= deadline
-    if not counts.finished and not late:
+    late_now = time.time() >= deadline
+    if not counts.finished and not late_now:
         # Messages lost in transit (BRPOP before kombu's unacked entry) come back here.
         repair_stalled(app, client, run_id)
         return None
-    if not counts.finished:
-        log.error(
-            "nightly: run %s still has %d pending pictures at its deadline; "
-            "collecting what there is (see `genderscore reconcile %s`)",
-            run_id,
-            counts.pending,
-            run_id,
-        )
     try:
-        written = write_nightly_outputs(client, run_id, output_dir, partial=not counts.finished)
+        tonight = load_run(client, run_id)
+        own = set(tonight.predictions) | set(tonight.errors) | set(tonight.missing)
+        late = late_results(client, own)
+        started_at = float(tonight.meta.get("started_at") or time.time())
+        written = write_nightly_outputs(merge(tonight, late), output_dir, started_at)
+        forget_delivered(client, late)
+        if tonight.missing:
+            client.sadd(nightly_undelivered(run_id), *tonight.missing)
+            client.sadd(nightly_undelivered_runs(), run_id)
+            reason = (
+                f"run {run_id} still had {len(tonight.missing)} pending pictures at its "
+                "deadline: collected without them (a later night delivers them)"
+            )
+            log.error("nightly: %s", reason)
+            record_failure(client, reason)
+        else:
+            record_success(client)
+    except Exception as exc:
+        record_failure(client, f"run {run_id} could not be collected: {exc}")
+        raise
     finally:
         if not release_lock(client, run_id, task_id):
             log.warning("nightly: run %s no longer held the lock (expired)", run_id)
     log.info(
-        "nightly: run %s done: %d scored, %d errors -> %s (and %s)",
+        "nightly: run %s done: %d scored, %d errors (%d late from earlier nights) -> %s (and %s)",
         run_id,
         written.scored,
         written.errors,
+        len(late.data.predictions) + len(late.data.errors),
         written.csv_path,
         output_dir / LATEST,
     )
@@ -275,43 +396,51 @@ def finish_nightly(
 
 
 @app.task(name=NIGHTLY_TASK, bind=True, ignore_result=True)
-def nightly(
-    self: Task[Any, Any],
-    images_dir: str,
-    output_dir: str,
-    model: str,
-    lock_seconds: int,
-    poll_seconds: float,
-) -> dict[str, Any]:
+def nightly(self: Task[Any, Any]) -> dict[str, Any]:
     """Start tonight's run of new and changed pictures, unless one is in progress."""
-    config = NightlyConfig(images_dir, output_dir, model, lock_seconds, poll_seconds)
+    client = connect()
+    try:
+        config = NightlyConfig.from_settings(settings)
+    except ValueError as exc:
+        record_failure(client, str(exc))
+        raise
     task_id = str(self.request.id)
-    started = start_nightly(app, connect(), config, task_id)
+    try:
+        started = start_nightly(app, client, config, task_id)
+    except SourceRefused as exc:
+        log.error("nightly: %s", exc)
+        return {"status": "refused", "reason": str(exc)}
     if started.run_id is not None:
         # Give up a little before the lock expires, so that no second run can start first.
-        deadline = time.time() + max(lock_seconds - 2 * poll_seconds, lock_seconds / 2)
-        nightly_finish.apply_async(
-            (started.run_id, task_id, output_dir, deadline, poll_seconds),
-            countdown=poll_seconds,
-        )
-    return asdict(started)
+        lock, poll = config.lock_seconds, config.poll_seconds
+        deadline = time.time() + max(lock - 2 * poll, lock / 2)
+        nightly_finish.apply_async((started.run_id, task_id, deadline), countdown=poll)
+    return {
+        "status": started.status,
+        "run_id": started.run_id,
+        "enqueued": started.enqueued,
+        "skipped": started.skipped,
+        "delivered_late": started.delivered_late,
+    }
 
 
 @app.task(name=FINISH_TASK, bind=True, ignore_result=True)
-def nightly_finish(
-    self: Task[Any, Any],
-    run_id: str,
-    task_id: str,
-    output_dir: str,
-    deadline: float,
-    poll_seconds: float,
-) -> str:
-    """Write the nightly CSVs once the run is finished; checks again later until it is."""
-    written = finish_nightly(connect(), run_id, task_id, Path(output_dir), deadline)
+def nightly_finish(self: Task[Any, Any], run_id: str, task_id: str, deadline: float) -> str:
+    """Write the nightly CSVs once the run is finished; checks again later until it is.
+
+    Every argument is checked: the output folder comes from the settings, never from
+    the message.
+    """
+    if not isinstance(run_id, str) or not NIGHTLY_RUN_RE.fullmatch(check_run_id(run_id)):
+        raise ValueError(f"not a nightly run id: {run_id[:80]!a}")
+    if not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id):
+        raise ValueError("invalid nightly task id")
+    if not isinstance(deadline, int | float) or not math.isfinite(deadline):
+        raise ValueError("invalid nightly deadline")
+    output_dir = settings.nightly_output_dir.resolve()
+    written = finish_nightly(connect(), run_id, task_id, output_dir, float(deadline))
     if written is None:
-        self.apply_async(
-            (run_id, task_id, output_dir, deadline, poll_seconds), countdown=poll_seconds
-        )
+        self.apply_async((run_id, task_id, deadline), countdown=settings.nightly_poll_seconds)
         return "pending"
     return str(written.csv_path)
 
@@ -343,9 +472,9 @@ def _check_schedule(sender: Any = None, **_: Any) -> None:
     else:
         beat_log.info(
             "nightly: %s on %s (UTC) -> %s",
-            entry["kwargs"]["images_dir"],
+            settings.nightly_images_dir,
             settings.nightly_cron,
-            entry["kwargs"]["output_dir"],
+            settings.nightly_output_dir,
         )
 
 

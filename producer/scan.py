@@ -1,46 +1,70 @@
-"""Finding the pictures of a folder: ``<userid>.jpg`` files, with every skip explained."""
+"""Finding the pictures of a folder: ``<userid><ext>`` files, with every skip explained."""
 
 from __future__ import annotations
 
 import os
+import stat
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.ids import InvalidUserid, is_valid_userid, picture_path
+from worker.ids import PICTURE_EXTENSIONS, InvalidUserid, picture_userid
 
 
 @dataclass
 class Scan:
-    """Userids found in a folder, sorted, and the names skipped with a reason."""
+    """Pictures found in a folder, sorted by userid, and the names skipped with a reason."""
 
     images_dir: Path
-    userids: list[str] = field(default_factory=list)
+    pictures: list[tuple[str, str]] = field(default_factory=list)  # (userid, file name)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    @property
+    def userids(self) -> list[str]:
+        """The userids found, sorted."""
+        return [userid for userid, _ in self.pictures]
 
-def scan_pictures(images_dir: Path) -> Scan:
-    """List ``<userid>.jpg`` in ``images_dir`` (not recursive), refusing unsafe names."""
+
+def _refusal(entry: os.DirEntry[str]) -> str | None:
+    """Why a directory entry is not read as a picture (the worker applies the same rules)."""
+    if entry.is_symlink():
+        return "a symbolic link (links are not followed)"
+    info = entry.stat(follow_symlinks=False)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_nlink > 1:
+        return "a hard link (only single-link files are read)"
+    return None
+
+
+def scan_pictures(images_dir: Path, extensions: tuple[str, ...] = PICTURE_EXTENSIONS) -> Scan:
+    """List ``<userid><ext>`` in ``images_dir`` (not recursive), refusing unsafe names.
+
+    The extension is matched in any case; a userid with two pictures (``a.jpg`` and
+    ``a.png``) is ambiguous, and all its pictures are skipped.
+    """
     root = images_dir.resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{images_dir} is not a folder")
     scan = Scan(root)
+    found: dict[str, list[str]] = defaultdict(list)
     with os.scandir(root) as entries:
         for entry in entries:
-            name = entry.name
-            stem, dot, ext = name.rpartition(".")
-            if not dot or ext != "jpg":
-                scan.skipped.append((name, "not a .jpg file"))
-            elif not is_valid_userid(stem):
-                scan.skipped.append((name, "not a valid userid ([A-Za-z0-9_-]{1,64})"))
-            elif not entry.is_file():
-                scan.skipped.append((name, "not a regular file"))
+            try:
+                userid = picture_userid(entry.name, extensions)
+            except InvalidUserid as exc:
+                scan.skipped.append((entry.name, str(exc)))
+                continue
+            problem = _refusal(entry)
+            if problem:
+                scan.skipped.append((entry.name, problem))
             else:
-                try:
-                    picture_path(root, stem)
-                except InvalidUserid as exc:
-                    scan.skipped.append((name, str(exc)))
-                    continue
-                scan.userids.append(stem)
-    scan.userids.sort()
+                found[userid].append(entry.name)
+    for userid, names in sorted(found.items()):
+        if len(names) == 1:
+            scan.pictures.append((userid, names[0]))
+        else:
+            for name in names:
+                scan.skipped.append((name, f"userid {userid} has {len(names)} pictures"))
     scan.skipped.sort()
     return scan

@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 
 import redis
 
-from worker.celery import SCORE_QUEUE, TRAINING_QUEUE, app
-from worker.keys import prefix, runs_index, training_index, training_progress
+from worker.broker import queue_lengths
+from worker.celery import app
+from worker.keys import runs_index, training_index, training_progress
 from worker.results import RunCounts, read_hash, run_counts
 
 
@@ -43,17 +44,6 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def queue_lengths(client: redis.Redis) -> dict[str, int]:
-    """Messages waiting in each queue, and delivered but not yet acknowledged."""
-    p = prefix()
-    return {
-        SCORE_QUEUE: int(client.llen(p + SCORE_QUEUE)),
-        TRAINING_QUEUE: int(client.llen(p + TRAINING_QUEUE)),
-        "unacked (score)": int(client.hlen(p + "unacked")),
-        "unacked (training)": int(client.hlen(p + "unacked_training")),
-    }
-
-
 def live_workers(timeout: float = 1.0) -> list[str]:
     """Workers answering a ping within ``timeout`` seconds."""
     try:
@@ -69,7 +59,7 @@ def render_status(client: redis.Redis, run_id: str | None = None, limit: int = 1
     header = ["run", "total", "done", "errors", "pending", "model", "started", "finished"]
     rows = [run_row(run_counts(client, r)) for r in run_ids]
     parts = [table(header, rows) if rows else "no runs"]
-    queues = queue_lengths(client)
+    queues = queue_lengths()
     parts.append("queues: " + ", ".join(f"{k} {v}" for k, v in queues.items()))
     workers = live_workers()
     parts.append(f"workers ({len(workers)}): " + (", ".join(workers) or "none answering"))

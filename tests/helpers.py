@@ -32,7 +32,7 @@ def make_model_file(
         {
             "positive_class": positive_class,
             "threshold": 0.5,
-            "preprocessing": "rgb-exif-bilinear-div255-v1",
+            "preprocessing": "rgb-exif-bilinear-div255-v2",
         },
     )
     return path
@@ -54,8 +54,9 @@ def celery_worker(
     log_path: Path | None = None,
     name: str = "w1",
     extra_args: Sequence[str] = (),
+    app: str = "worker",
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``celery -A worker worker`` as a real subprocess until the block ends."""
+    """Run ``celery -A <app> worker`` as a real subprocess until the block ends."""
     env = worker_env(extra_env)
     log_file = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     cmd = [
@@ -63,7 +64,7 @@ def celery_worker(
         "-m",
         "celery",
         "-A",
-        "worker",
+        app,
         "worker",
         "-Q",
         queues,

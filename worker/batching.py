@@ -1,17 +1,26 @@
 """What a worker process does with one buffered batch of scoring requests.
 
-Plain functions, called by the Celery task in ``worker.tasks`` and testable without a
-broker. A batch may mix runs and models; each group is scored with one forward pass.
+Plain functions and a small class, called by the Celery task in ``worker.tasks`` and
+testable without a broker. A batch may mix runs; each run's group is scored with one
+forward pass. The guarantees:
 
-Delivery accounting makes redelivery safe and bounded:
-- every request's delivery is counted in Redis before any work;
-- a userid already settled (predicted or errored) is skipped: its message was
-  redelivered after the work was done;
-- a userid delivered before (its worker died, or it was requeued) is scored alone and
-  recorded at once, so one picture that kills its process cannot take a batch with it;
-  after ``max_deliveries`` solo attempts it becomes a ``worker_crash`` error.
-Infrastructure faults (Redis unreachable) are retried with backoff and, if they last,
-the requests are handed back for requeueing: they never become error records.
+- Every field of a message is checked, in size and form, before anything is logged or
+  stored; a malformed message is acknowledged and dropped with a short log line.
+- A message of a run Redis does not know (deleted, expired, lost) or of a cancelled run
+  is acknowledged and dropped.
+- Each delivery is counted; a userid already settled (a redelivery after the work was
+  done) is skipped; a userid that appears twice in a batch is worked on once.
+- Every failure of one picture (unreadable, not a picture, not a regular file...) and of
+  the model (missing, tampered, unloadable, replaced since the run was enqueued) becomes
+  that picture's typed error record.
+- A worker process that dies (SIGKILL, OOM, hard time limit) is counted against its
+  userids by the worker's main process (``worker.results.record_deaths``), as is an
+  unexpected exception here: a userid suspected once is scored alone on its next
+  delivery, and blamed alone if its process dies again; after ``max_deliveries`` deaths
+  it becomes a ``worker_crash`` error. So no message is delivered without bound.
+- Infrastructure faults (Redis unreachable, full, loading) are retried with backoff and,
+  if they last, the requests are handed back for requeueing. They are not deaths and
+  never become error records.
 """
 
 from __future__ import annotations
@@ -29,44 +38,80 @@ from typing import Any, TypeVar
 
 import redis
 
-from worker.ids import InvalidUserid, check_run_id, check_userid, picture_path
+from worker.ids import RUN_ID_RE, USERID_RE, InvalidUserid, describe, picture_userid
 from worker.keys import model_loads
-from worker.model import ModelCache, ModelError, default_tf_threads
-from worker.results import count_skips, count_solo_attempt, record_outcomes, start_batch
+from worker.model import ModelBundle, ModelCache, ModelError, default_tf_threads
+from worker.results import (
+    CancelledRun,
+    UnknownRun,
+    mark_solo,
+    record_deaths,
+    record_outcomes,
+    start_batch,
+)
 from worker.scoring import Failed, Outcome, score_pictures
 from worker.settings import settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Test-only fault hook: a picture whose name contains this marker kills its process.
-CRASH_MARKER_ENV = "GENDERSCORE_TEST_CRASH_MARKER"
+# Faults of Redis itself: the messages go back to the queue, nothing is recorded.
+REDIS_FAULTS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    redis.ResponseError,  # OOM and other refusals of a write
+)
+MAX_REFERENCE = 4096  # characters of a picture reference or model path
+ARG_NAMES = ("run_id", "userid", "picture", "model_path", "model_sha")
+
+
+class MalformedMessage(ValueError):
+    """A scoring message whose fields are missing, of the wrong type, size or form."""
 
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """One scoring message: which picture of which run, with which model."""
+    """One scoring message: which picture of which run, with which model.
+
+    Built only through ``from_args``, which checks every field.
+    """
 
     request_id: str
     run_id: str
     userid: str
-    images_dir: str
+    picture: str  # an absolute path (a folder's picture) or a URL
     model_path: str
+    model_sha: str
 
     @classmethod
     def from_args(
-        cls, request_id: str, args: Sequence[Any], kwargs: dict[str, Any]
+        cls, request_id: Any, args: Sequence[Any], kwargs: dict[str, Any]
     ) -> ScoreRequest:
-        """Build from a task's ``(run_id, userid, images_dir, model_path)`` arguments."""
-        values = dict(zip(("run_id", "userid", "images_dir", "model_path"), args, strict=False))
+        """Check a task's ``(run_id, userid, picture, model_path, model_sha)`` arguments."""
+        if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+            raise MalformedMessage("arguments are not a list and a mapping")
+        if len(args) > len(ARG_NAMES) or set(kwargs) - set(ARG_NAMES):
+            raise MalformedMessage("unexpected arguments")
+        values = dict(zip(ARG_NAMES, args, strict=False))
         values.update(kwargs)
-        return cls(
-            request_id,
-            str(values.get("run_id", "")),
-            str(values.get("userid", "")),
-            str(values.get("images_dir", "")),
-            str(values.get("model_path", "")),
-        )
+        for name in ARG_NAMES:
+            value = values.get(name)
+            if not isinstance(value, str):
+                raise MalformedMessage(f"{name} is {describe(value)}, not a string")
+        if RUN_ID_RE.fullmatch(values["run_id"]) is None:
+            raise MalformedMessage(f"invalid run id {describe(values['run_id'])}")
+        if USERID_RE.fullmatch(values["userid"]) is None:
+            raise MalformedMessage(f"invalid userid {describe(values['userid'])}")
+        for name in ("picture", "model_path"):
+            if not 0 < len(values[name]) <= MAX_REFERENCE or "\0" in values[name]:
+                raise MalformedMessage(f"invalid {name} {describe(values[name])}")
+        if not values["model_path"].endswith(".h5"):
+            raise MalformedMessage(f"model_path {describe(values['model_path'])} is not a .h5")
+        sha = values["model_sha"]
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise MalformedMessage(f"invalid model_sha {describe(sha)}")
+        return cls(str(request_id), **{name: values[name] for name in ARG_NAMES})
 
 
 @dataclass
@@ -102,11 +147,22 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _maybe_crash_for_tests(userid: str) -> None:
-    marker = os.environ.get(CRASH_MARKER_ENV)
-    if marker and marker in userid:
-        log.error("test hook: killing this process on %s", userid)
-        os._exit(137)
+def local_picture(picture: str, userid: str) -> Path:
+    """The file of a folder's picture; InvalidUserid unless it is ``<userid><ext>``."""
+    path = Path(picture)
+    if not path.is_absolute() or picture_userid(path.name) != userid:
+        raise InvalidUserid(f"{describe(picture)} is not a picture of {userid}")
+    return path
+
+
+def group_by_run(
+    requests: Sequence[ScoreRequest],
+) -> dict[tuple[str, str, str], list[ScoreRequest]]:
+    """Requests by (run, model path, model sha256): each group is scored together."""
+    groups: dict[tuple[str, str, str], list[ScoreRequest]] = defaultdict(list)
+    for req in requests:
+        groups[(req.run_id, req.model_path, req.model_sha)].append(req)
+    return groups
 
 
 class BatchScorer:
@@ -123,102 +179,98 @@ class BatchScorer:
     def process(self, requests: Sequence[ScoreRequest]) -> BatchReply:
         """Score a batch and record every outcome; return what to ack and to requeue."""
         reply = BatchReply()
-        groups: dict[tuple[str, str, str], list[ScoreRequest]] = defaultdict(list)
-        for req in requests:
+        for (run_id, model_path, model_sha), group in group_by_run(requests).items():
+            ids = [r.request_id for r in group]
             try:
-                check_run_id(req.run_id)
-            except ValueError as exc:
-                log.error("dropping malformed message %s: %s", req.request_id, exc)
-                reply.ack.append(req.request_id)
-                continue
-            groups[(req.run_id, req.model_path, req.images_dir)].append(req)
-        for (run_id, model_path, images_dir), group in groups.items():
-            try:
-                self._process_group(run_id, Path(model_path), Path(images_dir), group)
-                reply.ack += [r.request_id for r in group]
-            except (
-                redis.ConnectionError,
-                redis.TimeoutError,
-                redis.BusyLoadingError,
-                redis.ResponseError,
-            ) as exc:
+                self._process_group(run_id, Path(model_path), model_sha, group)
+                reply.ack += ids
+            except (UnknownRun, CancelledRun) as exc:
+                what = "is cancelled" if isinstance(exc, CancelledRun) else "is not in Redis"
+                log.warning("run %s %s: dropping %d messages", run_id, what, len(group))
+                reply.ack += ids
+            except REDIS_FAULTS as exc:
                 # Infrastructure, not the pictures: hand the messages back.
-                log.error(
-                    "run %s: Redis fault, requeueing %d requests: %s", run_id, len(group), exc
-                )
-                reply.requeue += [r.request_id for r in group]
+                log.error("run %s: Redis fault, requeueing %d requests: %s", run_id, len(ids), exc)
+                reply.requeue += ids
+            except Exception:
+                # A bug, not a picture: count it like a death, so that it is bounded.
+                log.exception("run %s: batch of %d failed: requeueing", run_id, len(ids))
+                with contextlib.suppress(*REDIS_FAULTS):
+                    record_deaths(self.client, run_id, [r.userid for r in group], os.getpid())
+                reply.requeue += ids
         self._batches += 1
         if self._batches % TRIM_EVERY == 0:
             release_free_memory()
         return reply
 
+    def _model(self, model_path: Path, model_sha: str) -> ModelBundle | Failed:
+        """The run's model, or why it cannot score (every picture's error)."""
+        try:
+            bundle = self.models.get(model_path, model_sha)
+        except ModelError as exc:
+            return Failed("", exc.kind, str(exc))
+        except Exception as exc:  # any failure to load is the model's, not a crash
+            return Failed("", "model_error", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._report_loads()
+        return bundle
+
     def _process_group(
-        self, run_id: str, model_path: Path, images_dir: Path, group: list[ScoreRequest]
+        self, run_id: str, model_path: Path, model_sha: str, group: list[ScoreRequest]
     ) -> None:
         budget = settings.score_time_limit / 3
+        pictures = {r.userid: r.picture for r in group}  # a userid twice: worked on once
         state = with_redis_retry(
-            lambda: start_batch(self.client, run_id, [r.userid for r in group]),
-            "counting deliveries",
-            budget,
+            lambda: start_batch(self.client, run_id, list(pictures)), "starting a batch", budget
         )
+        outcomes: list[Outcome] = []
         fresh: list[tuple[str, Path]] = []
         suspects: list[tuple[str, Path]] = []
-        failures: list[Outcome] = []
-        already_done = [u for u, (_, settled) in state.items() if settled]
-        if already_done:  # redelivered after the work was done: counted, not redone
-            with_redis_retry(
-                lambda: count_skips(self.client, run_id, already_done), "counting", budget
-            )
-        for req in group:
-            tries, settled = state[req.userid]
-            if settled:
+        for userid, picture in pictures.items():
+            delivery = state[userid]
+            if delivery.settled:
+                continue  # redelivered after the work was done: counted, not redone
+            if delivery.deaths >= settings.max_deliveries:
+                log.error(
+                    "%s killed its worker %d times: recorded as an error", userid, delivery.deaths
+                )
+                outcomes.append(
+                    Failed(
+                        userid,
+                        "worker_crash",
+                        f"the worker process died {delivery.deaths} times scoring this picture",
+                    )
+                )
                 continue
             try:
-                check_userid(req.userid)
-                path = picture_path(images_dir, req.userid)
+                path = local_picture(picture, userid)
             except InvalidUserid as exc:
-                failures.append(Failed(req.userid[:80], "invalid_userid", str(exc)))
+                outcomes.append(Failed(userid, "invalid_reference", str(exc)))
                 continue
-            (fresh if tries <= 1 else suspects).append((req.userid, path))
-        try:
-            bundle = self.models.get(model_path)
-        except ModelError as exc:
-            failures += [Failed(uid, "model_error", str(exc)) for uid, _ in fresh + suspects]
-            bundle, fresh, suspects = None, [], []
-        sha = bundle.sha256 if bundle else "-"
-        self._report_loads()
-        outcomes: list[Outcome] = list(failures)
-        if fresh and bundle is not None:
-            for userid, _ in fresh:
-                _maybe_crash_for_tests(userid)
-            outcomes += score_pictures(bundle, fresh, settings.batch_size)
+            (suspects if delivery.deaths else fresh).append((userid, path))
+        model: ModelBundle | Failed | None = None
+        if fresh or suspects:
+            model = self._model(model_path, model_sha)
+        if isinstance(model, Failed):
+            outcomes += [Failed(u, model.kind, model.message) for u, _ in fresh + suspects]
+            fresh, suspects = [], []
+        sha = model.sha256 if isinstance(model, ModelBundle) else model_sha
+        if fresh and isinstance(model, ModelBundle):
+            outcomes += score_pictures(model, fresh, settings.batch_size)
         if outcomes:
             with_redis_retry(
                 lambda: record_outcomes(self.client, run_id, sha, outcomes), "recording", budget
             )
         for userid, path in suspects:
-            self._score_alone(run_id, bundle, userid, path, budget)
+            assert isinstance(model, ModelBundle)  # suspects are cleared without a model
+            self._score_alone(run_id, model, userid, path, budget)
 
     def _score_alone(
-        self, run_id: str, bundle: Any, userid: str, path: Path, budget: float
+        self, run_id: str, bundle: ModelBundle, userid: str, path: Path, budget: float
     ) -> None:
-        """Score a redelivered picture on its own, giving up after max_deliveries deaths."""
-        attempts = with_redis_retry(
-            lambda: count_solo_attempt(self.client, run_id, userid), "counting", budget
-        )
-        outcome: list[Outcome]
-        if attempts > settings.max_deliveries:
-            log.error("%s killed its worker %d times: recorded as an error", userid, attempts - 1)
-            outcome = [
-                Failed(
-                    userid,
-                    "worker_crash",
-                    f"the worker process died {attempts - 1} times scoring this picture",
-                )
-            ]
-        else:
-            _maybe_crash_for_tests(userid)
-            outcome = list(score_pictures(bundle, [(userid, path)], 1))
+        """Score a suspected picture on its own, marked so that a death blames it alone."""
+        with_redis_retry(lambda: mark_solo(self.client, run_id, userid), "marking", budget)
+        outcome = score_pictures(bundle, [(userid, path)], 1)
         with_redis_retry(
             lambda: record_outcomes(self.client, run_id, bundle.sha256, outcome),
             "recording",

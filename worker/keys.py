@@ -3,16 +3,25 @@
 All keys start with ``<prefix>:`` (``GENDERSCORE_KEY_PREFIX``), so one prefix holds
 the project's data, Celery's queues and its results alike.
 
-    <p>:run:<run>:meta     hash  model, model_sha, images_dir, total, started_at, finished_at
-    <p>:run:<run>:ids      set   userids enqueued in the run (dedupe, reconcile)
-    <p>:run:<run>:pred     hash  userid -> "<p_female>|<unix time>"  (one per userid)
+    <p>:run:<run>:meta     hash  model, model_sha, source, total, sealed, started_at,
+                                 finished_at, cancelled
+    <p>:run:<run>:ids      hash  userid -> picture reference, relative to the source
+                                 (enqueued userids: dedupe, reconcile, repair)
+    <p>:run:<run>:pred     hash  userid -> "<p_female>|<f|m>|<unix time>" (one per userid)
     <p>:run:<run>:err      hash  userid -> "<kind>: <message>"        (never beside a pred)
-    <p>:run:<run>:tries    hash  userid -> deliveries seen by a worker; "<userid>:solo" ->
-                                 attempts scored alone (a picture that kills its worker)
+    <p>:run:<run>:tries    hash  userid -> deliveries seen by workers; "<userid>:skipped"
+                                 -> redeliveries after it was settled; "<userid>:deaths"
+                                 -> worker-process deaths it is blamed for;
+                                 "<userid>:solo" -> pid scoring it alone right now
     <p>:runs               zset  run id scored by start time
     <p>:scored:<model_sha> hash  userid -> picture content hash (nightly --only-new)
     <p>:train:<task_id>    hash  training progress (epoch, metrics) for `status`
     <p>:lock:nightly       str   nightly run lock, with expiry
+    <p>:nightly:count      str   pictures in the nightly source last night (shrink check)
+    <p>:nightly:last_success  str   unix time of the last night that went as planned
+    <p>:nightly:last_failure  hash  at, reason: the last night that did not
+    <p>:nightly:undelivered   set   nightly runs collected before they finished
+    <p>:nightly:undelivered:<run> set userids that run still owes to a nightly output
 """
 
 from __future__ import annotations
@@ -82,3 +91,28 @@ def model_loads() -> str:
 def nightly_lock() -> str:
     """Lock held by the nightly run in progress."""
     return f"{prefix()}lock:nightly"
+
+
+def nightly_count() -> str:
+    """Pictures the nightly source held last night."""
+    return f"{prefix()}nightly:count"
+
+
+def nightly_last_success() -> str:
+    """Unix time of the last nightly run that went as planned."""
+    return f"{prefix()}nightly:last_success"
+
+
+def nightly_last_failure() -> str:
+    """Hash ``at``, ``reason`` of the last nightly run that failed."""
+    return f"{prefix()}nightly:last_failure"
+
+
+def nightly_undelivered_runs() -> str:
+    """Nightly runs collected before they finished, owing pictures to later nights."""
+    return f"{prefix()}nightly:undelivered"
+
+
+def nightly_undelivered(run_id: str) -> str:
+    """Userids the nightly run ``run_id`` has not delivered in any nightly output yet."""
+    return f"{prefix()}nightly:undelivered:{run_id}"

@@ -14,14 +14,20 @@ import it before the pool forks.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import tempfile
 import threading
+import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.settings import cpu_count, settings
 
@@ -33,10 +39,41 @@ CLASSES = ("male", "female")
 # sorted alphabetically (female=0, male=1), so a bare origin .h5 outputs P(male).
 BARE_H5_DEFAULTS: dict[str, Any] = {"positive_class": "male", "threshold": 0.5}
 FORBIDDEN_LAYERS = frozenset({"Lambda", "TFOpLambda", "SlicingOpLambda"})
+# Every picture is resized to the input size: a model declaring 100000x100000 would make
+# each one about 120 GB. The origin's CNN takes 150x150.
+MAX_INPUT_SIDE = 1024
+# Models kept loaded per process: the one being served and the one replacing it.
+CACHED_MODELS = 2
 
 
 class ModelError(RuntimeError):
-    """A model that must not or cannot be loaded; the message says what to do."""
+    """A model that must not or cannot be loaded; the message says what to do.
+
+    ``kind`` is the error kind recorded for the pictures it could not score.
+    """
+
+    def __init__(self, message: str, kind: str = "model_error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ModelMetadata(BaseModel):
+    """``<name>.json``: what the model's output means, checked field by field.
+
+    Training adds more (history, data fingerprint, versions): kept, not checked.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    format: Literal["genderscore-model/1"] = "genderscore-model/1"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input_size: tuple[
+        Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE)],
+        Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE)],
+    ]
+    positive_class: Literal["male", "female"]
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, allow_inf_nan=False)
+    preprocessing: str | None = None
 
 
 @dataclass
@@ -76,28 +113,38 @@ def metadata_path(model_path: Path) -> Path:
     return model_path.with_suffix(".json")
 
 
-def read_metadata(model_path: Path) -> dict[str, Any] | None:
-    """The model's metadata, or None when there is no metadata file."""
+def check_suffix(model_path: Path) -> None:
+    """Only HDF5 models, named ``.h5``, are loaded (Keras picks its loader by the name)."""
+    if model_path.suffix != ".h5":
+        raise ModelError(f"{model_path}: a model must be a Keras HDF5 file named <name>.h5")
+
+
+def read_metadata(model_path: Path) -> ModelMetadata | None:
+    """The model's checked metadata, or None when there is no metadata file."""
     meta_file = metadata_path(model_path)
-    if not meta_file.exists():
-        return None
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as exc:
+        text = meta_file.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
         raise ModelError(f"cannot read model metadata {meta_file}: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"model metadata {meta_file} is not a JSON object")
-    return meta
-
-
-def verify_model_file(model_path: Path, meta: dict[str, Any] | None) -> str:
-    """Check the .h5's sha256 against its metadata; return the sha256."""
-    if not model_path.is_file():
-        raise ModelError(
-            f"model file {model_path} not found: train one with `genderscore train` "
-            "or set GENDERSCORE_MODEL"
+    try:
+        return ModelMetadata.model_validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'the file'}: {err['msg']}"
+            for err in exc.errors()
         )
-    sha = file_sha256(model_path)
+        raise ModelError(f"invalid model metadata {meta_file}: {problems}") from None
+
+
+def _unverified_warning(model_path: Path, why: str) -> None:
+    log.warning("model %s %s (allowed by GENDERSCORE_ALLOW_UNVERIFIED_MODEL)", model_path, why)
+
+
+def verify_model_bytes(model_path: Path, data: bytes, meta: ModelMetadata | None) -> str:
+    """Check the model's bytes against its metadata's sha256; return the bytes' sha256."""
+    sha = hashlib.sha256(data).hexdigest()
     if meta is None:
         if not settings.allow_unverified_model:
             raise ModelError(
@@ -106,18 +153,35 @@ def verify_model_file(model_path: Path, meta: dict[str, Any] | None) -> str:
                 "GENDERSCORE_ALLOW_UNVERIFIED_MODEL=true to load it with the origin's "
                 "defaults (sigmoid = P(male), threshold 0.5)"
             )
-        log.warning(
-            "model %s has no metadata: using defaults %s (unverified)", model_path, BARE_H5_DEFAULTS
-        )
-    elif meta.get("sha256") != sha:
+        _unverified_warning(model_path, f"has no metadata: using defaults {BARE_H5_DEFAULTS}")
+    elif meta.sha256 != sha:
         if not settings.allow_unverified_model:
             raise ModelError(
                 f"{model_path} sha256 {sha[:12]}... does not match its metadata "
-                f"({str(meta.get('sha256'))[:12]}...): refusing to load it "
+                f"({meta.sha256[:12]}...): refusing to load it "
                 "(GENDERSCORE_ALLOW_UNVERIFIED_MODEL=true overrides)"
             )
-        log.warning("model %s sha256 does not match its metadata (allowed by settings)", model_path)
+        _unverified_warning(model_path, "sha256 does not match its metadata")
     return sha
+
+
+def read_model_file(model_path: Path) -> bytes:
+    """The model file's bytes (read once: what is checked is what is loaded)."""
+    check_suffix(model_path)
+    try:
+        return model_path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(
+            f"model file {model_path} not found: train one with `genderscore train` "
+            "or set GENDERSCORE_MODEL"
+        ) from None
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {model_path}: {exc}") from None
+
+
+def verify_model_file(model_path: Path, meta: ModelMetadata | None) -> str:
+    """Check the .h5's sha256 against its metadata; return the sha256."""
+    return verify_model_bytes(model_path, read_model_file(model_path), meta)
 
 
 def _walk_layers(node: Any) -> Iterator[str]:
@@ -133,28 +197,43 @@ def _walk_layers(node: Any) -> Iterator[str]:
             yield from _walk_layers(value)
 
 
-def check_h5_config(model_path: Path) -> None:
-    """Refuse a .h5 whose architecture holds code (Lambda layers), before deserializing."""
+def check_h5_config(model_path: Path, data: bytes | None = None) -> None:
+    """Refuse a model that is not plain HDF5 or whose architecture holds code (Lambda).
+
+    Checks ``data`` (the file's bytes, read once by the caller) when given. A file that
+    is also a zip archive (HDF5 with a ``.keras`` zip appended) is refused: only the
+    HDF5 part would have been checked.
+    """
     import h5py
 
+    data = read_model_file(model_path) if data is None else data
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        raise ModelError(f"{model_path} is also a zip archive: not a plain HDF5 model, refused")
     try:
-        with h5py.File(model_path, "r") as h5:
+        with h5py.File(io.BytesIO(data), "r") as h5:
             raw = h5.attrs.get("model_config")
     except OSError as exc:
         raise ModelError(f"{model_path} is not a readable HDF5 model: {exc}") from None
     if raw is None:
         raise ModelError(f"{model_path} holds no model_config: save the whole model")
-    config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    try:
+        config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{model_path} has an unreadable model_config: {exc}") from None
     bad = sorted(set(_walk_layers(config)) & FORBIDDEN_LAYERS)
     if bad:
         raise ModelError(f"{model_path} contains {', '.join(bad)} layers (arbitrary code): refused")
 
 
 def check_model_file(model_path: Path) -> str:
-    """Everything checkable without TensorFlow: sha256 against the metadata, no Lambda
-    layers. Returns the sha256; raises ModelError."""
-    sha = verify_model_file(model_path, read_metadata(model_path))
-    check_h5_config(model_path)
+    """Everything checkable without TensorFlow: the name, the metadata's fields, the
+    sha256 against the metadata, plain HDF5 with no Lambda layers. Returns the sha256;
+    raises ModelError."""
+    check_suffix(model_path)
+    meta = read_metadata(model_path)
+    data = read_model_file(model_path)
+    sha = verify_model_bytes(model_path, data, meta)
+    check_h5_config(model_path, data)
     return sha
 
 
@@ -179,29 +258,43 @@ def default_tf_threads(processes: int) -> int:
     return settings.tf_threads or max(1, cpu_count() // max(1, processes))
 
 
+def _keras_load(model_path: Path, data: bytes) -> Any:
+    """Keras loads the very bytes that were checked, from a private copy named .h5."""
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="genderscore-model-") as folder:
+        copy = Path(folder) / "model.h5"
+        copy.write_bytes(data)
+        try:
+            return keras.models.load_model(copy, compile=False, safe_mode=True)
+        except Exception as exc:  # Keras raises many types for a bad file
+            raise ModelError(f"cannot load {model_path}: {type(exc).__name__}: {exc}") from None
+
+
 def load_bundle(model_path: Path, tf_threads: int | None = None) -> ModelBundle:
     """Verify, check and load a model with its metadata."""
     meta = read_metadata(model_path)
-    sha = verify_model_file(model_path, meta)
-    check_h5_config(model_path)
+    data = read_model_file(model_path)
+    sha = verify_model_bytes(model_path, data, meta)
+    check_h5_config(model_path, data)
     configure_tensorflow(tf_threads)
-    import keras
-
-    try:
-        model = keras.models.load_model(model_path, compile=False, safe_mode=True)
-    except Exception as exc:  # Keras raises many types for a bad file
-        raise ModelError(f"cannot load {model_path}: {type(exc).__name__}: {exc}") from None
+    model = _keras_load(model_path, data)
     shape = model.input_shape
-    if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[2] is None:
-        raise ModelError(f"{model_path} input shape {shape} is not (None, height, width, 3)")
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) != 4
+        or shape[3] != 3
+        or not all(isinstance(side, int) and 1 <= side <= MAX_INPUT_SIDE for side in shape[1:3])
+    ):
+        raise ModelError(
+            f"{model_path} input shape {shape} is not (None, height, width, 3) with sides "
+            f"of at most {MAX_INPUT_SIDE}"
+        )
     input_size = (int(shape[1]), int(shape[2]))
-    info = dict(BARE_H5_DEFAULTS) if meta is None else meta
-    declared = info.get("input_size")
-    if declared is not None and tuple(declared) != input_size:
-        raise ModelError(f"metadata input_size {declared} != model input {input_size}")
-    positive = info.get("positive_class")
-    if positive not in CLASSES:
-        raise ModelError(f"metadata positive_class {positive!r} is not one of {CLASSES}")
+    if meta is not None and meta.input_size != input_size:
+        raise ModelError(f"metadata input_size {list(meta.input_size)} != model input {input_size}")
+    positive = meta.positive_class if meta else BARE_H5_DEFAULTS["positive_class"]
+    threshold = meta.threshold if meta else BARE_H5_DEFAULTS["threshold"]
     log.info(
         "model loaded: %s sha256=%s input=%s sigmoid=P(%s) pid=%d",
         model_path,
@@ -216,29 +309,59 @@ def load_bundle(model_path: Path, tf_threads: int | None = None) -> ModelBundle:
         sha256=sha,
         input_size=input_size,
         positive_class=positive,
-        threshold=float(info.get("threshold", 0.5)),
-        metadata=meta or {},
+        threshold=float(threshold),
+        metadata=meta.model_dump() if meta else {},
     )
 
 
 class ModelCache:
-    """Models loaded by this process, by path: each one loaded once, on first use."""
+    """Models loaded by this process, keyed by path and sha256, at most CACHED_MODELS.
+
+    A model retrained in place gets a new sha256 in its metadata: the next request for
+    it loads the new file, and a request that names the old sha256 is refused
+    (``model_changed``) instead of being scored by another model.
+    """
 
     def __init__(self, tf_threads: int | None = None) -> None:
-        self._bundles: dict[Path, ModelBundle] = {}
+        self._bundles: OrderedDict[tuple[Path, str], ModelBundle] = OrderedDict()
         self._tf_threads = tf_threads
         self._lock = threading.Lock()  # a threads pool must not load a model twice
         self.loads = 0
 
-    def get(self, model_path: Path) -> ModelBundle:
-        """The bundle for ``model_path``, loading it the first time."""
-        key = model_path.resolve()
+    def get(self, model_path: Path, expected_sha: str | None = None) -> ModelBundle:
+        """The bundle of ``model_path`` as it is now; ModelError if it is not ``expected_sha``."""
+        path = model_path.resolve()
+        check_suffix(path)
+        meta = read_metadata(path)
+        # A bare .h5 (allowed unverified) has no metadata: the run's sha256 names it,
+        # and the load checks the file against it.
+        if meta is not None:
+            current = meta.sha256
+        else:
+            current = expected_sha or hashlib.sha256(read_model_file(path)).hexdigest()
+        if expected_sha and current != expected_sha:
+            raise ModelError(
+                f"{path} is now model {current[:12]}, not {expected_sha[:12]} that the run "
+                "was enqueued with (the model was replaced): score the run again",
+                kind="model_changed",
+            )
         with self._lock:
+            key = (path, current)
             bundle = self._bundles.get(key)
             if bundle is None:
-                bundle = load_bundle(key, self._tf_threads)
+                bundle = load_bundle(path, self._tf_threads)
+                if expected_sha and bundle.sha256 != expected_sha:
+                    raise ModelError(
+                        f"{path} holds model {bundle.sha256[:12]}, not {expected_sha[:12]} that "
+                        "the run was enqueued with",
+                        kind="model_changed",
+                    )
+                key = (path, bundle.sha256)
                 self._bundles[key] = bundle
                 self.loads += 1
+                while len(self._bundles) > CACHED_MODELS:
+                    self._bundles.popitem(last=False)
+            self._bundles.move_to_end(key)
         return bundle
 
 

@@ -1,33 +1,50 @@
-"""Run state in Redis: idempotent outcome writes, delivery counts, run metadata.
+"""Run state in Redis: idempotent outcome writes, delivery accounting, run metadata.
 
-Writes are Lua scripts, so each batch lands atomically: a prediction is written once
+Writes are Lua scripts, so each lands atomically: a prediction is written once
 (HSETNX: a redelivered task keeps the first value) and removes any error of the same
 userid; an error is written only where no prediction exists. The script that records
-the last outcome of a sealed run stamps ``finished_at`` and sets the run's expiry.
+the last outcome of a sealed run stamps ``finished_at``. Every write renews the expiry
+of the run's keys, so a run lives ``GENDERSCORE_RESULT_TTL_DAYS`` after its last
+activity. Deaths of worker processes are counted per userid, against the picture being
+scored alone when the process died (see ``record_deaths``), never for a requeue that
+the worker chose (a Redis fault).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from worker.keys import RunKeys, run_keys, runs_index, scored_index
+from worker.keys import run_keys, runs_index, scored_index
 from worker.scoring import Failed, Outcome, Scored
 from worker.settings import settings
 
+# Every write to a run renews the expiry of all its keys: a run lives
+# GENDERSCORE_RESULT_TTL_DAYS after its last activity, finished or not.
+_TOUCH = """
+local function touch(ttl)
+  for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ttl) end
+end
+"""
+
 # KEYS: meta ids pred err tries scored ; ARGV: now ttl npred (uid val digest)* (uid reason)*
-_RECORD = """
-local meta, pred, err, scored = KEYS[1], KEYS[3], KEYS[4], KEYS[6]
+# A recorded userid's solo marker (see _START) is cleared: its attempt is over.
+_RECORD = (
+    _TOUCH
+    + """
+local meta, pred, err, tries, scored = KEYS[1], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local now, ttl, npred = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local i = 4
 for _ = 1, npred do
   redis.call('HSETNX', pred, ARGV[i], ARGV[i + 1])
   redis.call('HDEL', err, ARGV[i])
+  redis.call('HDEL', tries, ARGV[i] .. ':solo')
   if ARGV[i + 2] ~= '' then redis.call('HSET', scored, ARGV[i], ARGV[i + 2]) end
   i = i + 3
 end
@@ -35,18 +52,100 @@ while i <= #ARGV do
   if redis.call('HEXISTS', pred, ARGV[i]) == 0 then
     redis.call('HSET', err, ARGV[i], ARGV[i + 1])
   end
+  redis.call('HDEL', tries, ARGV[i] .. ':solo')
   i = i + 2
 end
 local settled = redis.call('HLEN', pred) + redis.call('HLEN', err)
-local open_run = redis.call('HEXISTS', meta, 'finished_at') == 0
-if redis.call('HGET', meta, 'sealed') == '1' and open_run then
-  local total = tonumber(redis.call('HGET', meta, 'total') or '0')
-  if settled >= total then
-    redis.call('HSET', meta, 'finished_at', now)
-    for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ttl) end
+if redis.call('EXISTS', meta) == 1 then
+  touch(ttl)
+  local open_run = redis.call('HEXISTS', meta, 'finished_at') == 0
+  if open_run and redis.call('HGET', meta, 'sealed') == '1' then
+    local total = tonumber(redis.call('HGET', meta, 'total') or '0')
+    if settled >= total then redis.call('HSET', meta, 'finished_at', now) end
   end
 end
 return settled
+"""
+)
+
+# KEYS: meta ids pred err tries ; ARGV: ttl uid*
+# A batch begins: count one delivery of each userid and return, per userid, whether it
+# is settled already (a redelivery after the work was done: counted as skipped) and how
+# many deaths of a worker process it is suspected of. -1: the run is unknown (deleted,
+# expired, or lost by Redis); -2: the run is cancelled.
+_START = (
+    _TOUCH
+    + """
+local meta, pred, err, tries = KEYS[1], KEYS[3], KEYS[4], KEYS[5]
+if redis.call('EXISTS', meta) == 0 then return {-1} end
+if redis.call('HGET', meta, 'cancelled') then return {-2} end
+local out = {}
+for i = 2, #ARGV do
+  local uid = ARGV[i]
+  redis.call('HINCRBY', tries, uid, 1)
+  local settled = redis.call('HEXISTS', pred, uid) + redis.call('HEXISTS', err, uid)
+  if settled > 0 then redis.call('HINCRBY', tries, uid .. ':skipped', 1) end
+  out[#out + 1] = settled
+  out[#out + 1] = tonumber(redis.call('HGET', tries, uid .. ':deaths') or '0')
+end
+touch(tonumber(ARGV[1]))
+return out
+"""
+)
+
+# KEYS: pred err tries ; ARGV: pid uid*
+# A worker process died (or raised) with these userids in hand. If one was being scored
+# alone by that process (its solo marker holds the pid), it alone is blamed; otherwise
+# every unsettled userid of the batch is suspected once, and is scored alone next time.
+_DEATHS = """
+local pred, err, tries, pid = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+local blamed = {}
+for i = 2, #ARGV do
+  local uid = ARGV[i]
+  if pid ~= '' and redis.call('HGET', tries, uid .. ':solo') == pid then
+    blamed[#blamed + 1] = uid
+  end
+end
+if #blamed == 0 then
+  for i = 2, #ARGV do
+    local uid = ARGV[i]
+    if redis.call('HEXISTS', pred, uid) + redis.call('HEXISTS', err, uid) == 0 then
+      blamed[#blamed + 1] = uid
+    end
+  end
+end
+for _, uid in ipairs(blamed) do
+  redis.call('HINCRBY', tries, uid .. ':deaths', 1)
+  redis.call('HDEL', tries, uid .. ':solo')
+end
+return #blamed
+"""
+
+# KEYS: meta runs ; ARGV: run now ttl nfields (field value)* ; other KEYS: the run's keys
+# Create a run, or reopen it to extend it: a run has one model and one source, so a
+# different model_sha or source is refused (returns the field and the run's value).
+_CREATE = """
+local meta, runs = KEYS[1], KEYS[2]
+local run, now, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local fields = {}
+for i = 0, n - 1 do fields[ARGV[5 + 2 * i]] = ARGV[6 + 2 * i] end
+local created = redis.call('EXISTS', meta) == 0
+if not created then
+  if redis.call('HGET', meta, 'cancelled') then return {-1, 'cancelled', '1'} end
+  for _, name in ipairs({'model_sha', 'source'}) do
+    local current = redis.call('HGET', meta, name)
+    if current and fields[name] and current ~= fields[name] then
+      return {-1, name, current}
+    end
+  end
+end
+redis.call('HSETNX', meta, 'started_at', now)
+for name, value in pairs(fields) do redis.call('HSET', meta, name, value) end
+redis.call('HDEL', meta, 'sealed', 'finished_at')
+redis.call('ZADD', runs, 'NX', now, run)
+for k = 3, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
+if created then return {1} end
+return {0}
 """
 
 
@@ -94,6 +193,7 @@ class Prediction(NamedTuple):
     p_female: float
     gender: str
     scored_at: float
+    model: str = ""  # the model's id, where it differs from the run's (nightly late results)
 
 
 def encode_prediction(outcome: Scored, now: float) -> str:
@@ -110,6 +210,10 @@ def decode_prediction(value: str) -> Prediction:
 _GENDERS = {"f": "female", "m": "male"}
 
 
+def _ttl() -> int:
+    return settings.result_ttl_days * 86400
+
+
 def _script_keys(run_id: str, model_sha: str) -> list[str]:
     keys = run_keys(run_id)
     return [*keys.all(), scored_index(model_sha)]
@@ -122,7 +226,7 @@ def record_outcomes(
     now = time.time()
     scored = [o for o in outcomes if isinstance(o, Scored)]
     failed = [o for o in outcomes if isinstance(o, Failed)]
-    args: list[Any] = [f"{now:.3f}", settings.result_ttl_days * 86400, len(scored)]
+    args: list[Any] = [f"{now:.3f}", _ttl(), len(scored)]
     for s in scored:
         args += [s.userid, encode_prediction(s, now), s.digest]
     for f in failed:
@@ -135,46 +239,98 @@ def seal_run(client: redis.Redis, run_id: str, total: int) -> None:
     """Mark a run fully enqueued with ``total`` userids; stamps it finished if it already is."""
     keys = run_keys(run_id)
     client.hset(keys.meta, mapping={"total": total, "sealed": 1})
-    client.eval(
-        _RECORD,
-        6,
-        *_script_keys(run_id, "-"),
-        f"{time.time():.3f}",
-        settings.result_ttl_days * 86400,
-        0,
-    )
+    client.eval(_RECORD, 6, *_script_keys(run_id, "-"), f"{time.time():.3f}", _ttl(), 0)
 
 
-def start_batch(
-    client: redis.Redis, run_id: str, userids: Iterable[str]
-) -> dict[str, tuple[int, bool]]:
-    """Count one more delivery of each userid; return ``{userid: (deliveries, settled)}``.
+class UnknownRun(LookupError):
+    """Redis holds no such run (never created, deleted, expired, or lost)."""
 
-    ``settled`` is true when the userid already has a prediction or an error (a
-    redelivered message whose work was done).
+
+class CancelledRun(RuntimeError):
+    """The run was cancelled: its messages are dropped."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where one userid of a starting batch stands."""
+
+    settled: bool  # it has a prediction or an error already (a redelivery)
+    deaths: int  # worker-process deaths it is suspected of
+
+
+def start_batch(client: redis.Redis, run_id: str, userids: Sequence[str]) -> dict[str, Delivery]:
+    """Count one more delivery of each userid; return where each stands.
+
+    Raises UnknownRun or CancelledRun: such a run's messages are dropped.
     """
-    keys: RunKeys = run_keys(run_id)
-    ids = list(userids)
-    pipe = client.pipeline(transaction=False)
-    for userid in ids:
-        pipe.hincrby(keys.tries, userid, 1)
-        pipe.hexists(keys.pred, userid)
-        pipe.hexists(keys.err, userid)
-    replies = pipe.execute()
+    keys = run_keys(run_id)
+    reply = client.eval(_START, 5, *keys.all(), _ttl(), *userids)
+    if reply and int(reply[0]) == -1:
+        raise UnknownRun(run_id)
+    if reply and int(reply[0]) == -2:
+        raise CancelledRun(run_id)
     return {
-        userid: (int(replies[3 * n]), bool(replies[3 * n + 1] or replies[3 * n + 2]))
-        for n, userid in enumerate(ids)
+        userid: Delivery(bool(int(reply[2 * n])), int(reply[2 * n + 1]))
+        for n, userid in enumerate(userids)
     }
 
 
-def create_run(client: redis.Redis, run_id: str, fields: dict[str, Any]) -> bool:
-    """Create a run's metadata; False when the run exists already (fields are kept)."""
+def mark_solo(client: redis.Redis, run_id: str, userid: str) -> None:
+    """``userid`` is about to be scored alone by this process (see ``record_deaths``)."""
+    client.hset(run_keys(run_id).tries, f"{userid}:solo", str(os.getpid()))
+
+
+def record_deaths(client: redis.Redis, run_id: str, userids: Sequence[str], pid: int | None) -> int:
+    """A worker process ``pid`` died holding ``userids``: count it against the culprits.
+
+    The userid it was scoring alone is the culprit; when it was scoring a whole batch,
+    every unsettled userid is suspected once (and scored alone on its next delivery).
+    Returns how many userids were blamed.
+    """
     keys = run_keys(run_id)
-    created = bool(client.hsetnx(keys.meta, "started_at", f"{time.time():.3f}"))
-    client.hset(keys.meta, mapping={k: v for k, v in fields.items() if v is not None})
-    client.hdel(keys.meta, "sealed", "finished_at")
-    client.zadd(runs_index(), {run_id: time.time()}, nx=True)
-    return created
+    return int(client.eval(_DEATHS, 3, keys.pred, keys.err, keys.tries, str(pid or ""), *userids))
+
+
+class RunConflict(ValueError):
+    """A run cannot be extended with another model or source; the message says which."""
+
+
+def create_run(client: redis.Redis, run_id: str, fields: dict[str, Any]) -> bool:
+    """Create a run's metadata, or reopen the run to extend it; True when it is new.
+
+    Raises RunConflict when the run exists with another model (``model_sha``) or source,
+    or was cancelled.
+    """
+    keys = run_keys(run_id)
+    pairs = [
+        str(item) for name, value in fields.items() if value is not None for item in (name, value)
+    ]
+    reply = client.eval(
+        _CREATE,
+        2 + len(keys.all()),
+        keys.meta,
+        runs_index(),
+        *keys.all(),
+        run_id,
+        f"{time.time():.3f}",
+        _ttl(),
+        len(pairs) // 2,
+        *pairs,
+    )
+    if int(reply[0]) == -1:
+        name, current = str(reply[1]), str(reply[2])
+        if name == "cancelled":
+            raise RunConflict(f"run {run_id} was cancelled: start a new run")
+        raise RunConflict(
+            f"run {run_id} was started with {name} {current}, not {fields.get(name)}: a run "
+            "has one model and one source; start a new run (another --run-id)"
+        )
+    return int(reply[0]) == 1
+
+
+def run_userids(client: redis.Redis, run_id: str) -> dict[str, str]:
+    """userid -> picture reference, for every userid enqueued in the run."""
+    return dict(client.hscan_iter(run_keys(run_id).ids, count=5000))
 
 
 @dataclass(frozen=True)
@@ -206,20 +362,7 @@ def run_counts(client: redis.Redis, run_id: str) -> RunCounts:
     pipe.hgetall(keys.meta)
     pipe.hlen(keys.pred)
     pipe.hlen(keys.err)
-    pipe.scard(keys.ids)
+    pipe.hlen(keys.ids)
     meta, done, errors, enqueued = pipe.execute()
     total = int(meta.get("total", enqueued) or 0)
     return RunCounts(run_id, total, int(done), int(errors), int(enqueued), meta)
-
-
-def count_solo_attempt(client: redis.Redis, run_id: str, userid: str) -> int:
-    """Count one attempt at scoring ``userid`` alone; return how many there were."""
-    return int(client.hincrby(run_keys(run_id).tries, f"{userid}:solo", 1))
-
-
-def count_skips(client: redis.Redis, run_id: str, userids: Sequence[str]) -> None:
-    """Count redeliveries of settled userids (``<userid>:skipped``): delivered, not redone."""
-    pipe = client.pipeline(transaction=False)
-    for userid in userids:
-        pipe.hincrby(run_keys(run_id).tries, f"{userid}:skipped", 1)
-    pipe.execute()

@@ -86,6 +86,8 @@ def prepare(bundle: ModelBundle, item: tuple[str, Path]) -> Prepared:
         return preprocess(data, bundle.size_wh), content_digest(data)
     except PictureError as exc:
         return Failed(userid, exc.kind, exc.message)
+    except Exception as exc:  # anything else one picture raises is still its own error
+        return Failed(userid, "decode_failed", f"{type(exc).__name__}: {exc}"[:300])
 
 
 def infer(
@@ -98,9 +100,15 @@ def infer(
     outcomes: list[Outcome | None] = [e if isinstance(e, Failed) else None for e in prepared]
     ready = [(i, e) for i, e in enumerate(prepared) if not isinstance(e, Failed)]
     if ready:
-        raw = predict_raw(bundle, np.stack([array for _, (array, _) in ready]), batch_size)
-        for (index, (_, digest)), value in zip(ready, raw, strict=True):
-            outcomes[index] = to_outcome(bundle, items[index][0], float(value), digest)
+        try:
+            raw = predict_raw(bundle, np.stack([array for _, (array, _) in ready]), batch_size)
+        except Exception as exc:  # the model failed on these inputs: their error, not a crash
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            for index, _ in ready:
+                outcomes[index] = Failed(items[index][0], "inference_failed", reason)
+        else:
+            for (index, (_, digest)), value in zip(ready, raw, strict=True):
+                outcomes[index] = to_outcome(bundle, items[index][0], float(value), digest)
     return [o for o in outcomes if o is not None]  # every slot is filled by now
 
 

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=10_000, description="Larger pictures are errors, before decoding."
     )
+    # A JPEG decodes at a reduced DCT scale; PNG, WebP, GIF, BMP and TIFF decode at full
+    # size (a 16-bit 6300x6300 PNG is 79 MB decoded), so they get a lower limit.
+    max_raw_image_pixels: int = Field(
+        16_000_000,
+        ge=10_000,
+        description="Pixel limit for formats without DCT scaling (all but JPEG).",
+    )
 
     # --- Nightly scoring ----------------------------------------------------------
     nightly_cron: str = Field(
@@ -90,6 +97,15 @@ class Settings(BaseSettings):
     )
     nightly_lock_seconds: int = Field(
         6 * 3600, ge=60, description="Expiry of the lock that stops overlapping nightly runs."
+    )
+    # A share that failed to mount, or a sync that deleted most pictures, must not pass
+    # as "nothing new": the night is refused and recorded as failed.
+    nightly_min_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="The nightly run refuses a source below this share of the previous "
+        "night's picture count (0: never).",
     )
     # How often the nightly run's finisher checks whether the run is done.
     nightly_poll_seconds: float = Field(

@@ -1,29 +1,39 @@
 """Celery tasks of the scoring worker: thin wrappers around ``worker.batching``.
 
-``genderscore.score`` takes one picture per message, ``(run_id, userid, images_dir,
-model_path)``; the worker buffers messages (celery-batches) and hands a whole batch
-to one pool process, which scores it with one forward pass. Each message is
-acknowledged only after its outcome is in Redis, and handed back to the queue when
-its pool process dies (``task_reject_on_worker_lost``) or Redis stays unreachable.
+``genderscore.score`` takes one picture per message, ``(run_id, userid, picture,
+model_path, model_sha)``; the worker buffers messages (celery-batches) and hands a whole
+batch to one pool process, which scores it with one forward pass. Each message is
+acknowledged only after its outcome is in Redis, and handed back to the queue when its
+pool process dies (counted against its userids, see ``worker.batching``) or Redis stays
+unreachable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
+import redis
 from billiard.einfo import ExceptionInfo
 from celery.utils.log import get_task_logger
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-from worker.batching import BatchReply, BatchScorer, ScoreRequest
+from worker.batching import (
+    BatchReply,
+    BatchScorer,
+    MalformedMessage,
+    ScoreRequest,
+    group_by_run,
+)
 from worker.celery import app, pool_processes
-from worker.results import connect
+from worker.ids import describe
+from worker.results import connect, record_deaths
 from worker.settings import settings
 
 log = get_task_logger(__name__)
@@ -40,6 +50,7 @@ class ScoreBatches(Batches):  # type: ignore[misc]
 
     _scorer: BatchScorer | None = None
     _scorer_lock = threading.Lock()
+    _parent_client: redis.Redis | None = None  # the main process's, for lost batches
 
     @property
     def scorer(self) -> BatchScorer:
@@ -63,6 +74,7 @@ class ScoreBatches(Batches):  # type: ignore[misc]
         """Send the batch to a pool process; ack or requeue each message on its reply."""
         by_id = {req.id: req for req in requests}
         started = time.monotonic()
+        accepted_by: list[int] = []  # the pool process's pid, once it took the batch
 
         def on_return(result: Any) -> None:
             reply = result if isinstance(result, dict) else {"ack": [], "requeue": list(by_id)}
@@ -78,12 +90,15 @@ class ScoreBatches(Batches):  # type: ignore[misc]
 
         def on_error(exc_info: ExceptionInfo) -> None:
             # The pool process died (SIGKILL, OOM, hard time limit): every message goes
-            # back; delivery counts in Redis bound a picture that kills it every time.
+            # back, and the death is counted against its userids, which bounds a picture
+            # that kills its process every time.
             pool_log.error("batch of %d lost (%s): requeueing", len(by_id), exc_info.exception)
+            self._count_death(by_id.values(), accepted_by[0] if accepted_by else None)
             for req in by_id.values():
                 req.reject(requeue=True)
 
         def on_accepted(pid: int, time_accepted: float) -> None:
+            accepted_by.append(pid)
             for req in by_id.values():
                 req.send_event("task-started")
 
@@ -111,6 +126,20 @@ class ScoreBatches(Batches):  # type: ignore[misc]
             timeout=settings.score_time_limit,
         )
 
+    def _count_death(self, requests: Iterable[Request], pid: int | None) -> None:
+        """Record a pool process's death against the userids it held (main process)."""
+        parsed = []
+        for req in requests:
+            with contextlib.suppress(MalformedMessage):
+                parsed.append(ScoreRequest.from_args(req.id, req.args, req.kwargs))
+        try:
+            if self._parent_client is None:
+                self._parent_client = connect()
+            for (run_id, _, _), group in group_by_run(parsed).items():
+                record_deaths(self._parent_client, run_id, [r.userid for r in group], pid)
+        except redis.RedisError as exc:
+            pool_log.warning("could not count the lost batch in Redis: %s", exc)
+
 
 @app.task(
     base=ScoreBatches,
@@ -122,10 +151,13 @@ class ScoreBatches(Batches):  # type: ignore[misc]
 )
 def score(requests: list[SimpleRequest]) -> dict[str, list[str]]:
     """Score one picture per request, a batch at a time (run in a pool process)."""
-    batch = [ScoreRequest.from_args(r.id, r.args, r.kwargs) for r in requests]
-    try:
-        reply = score.scorer.process(batch)
-    except Exception:  # a bug must not ack unscored messages: requeue, deliveries bound it
-        log.exception("batch of %d failed", len(batch))
-        reply = BatchReply(requeue=[r.request_id for r in batch])
-    return {"ack": reply.ack, "requeue": reply.requeue}
+    reply = BatchReply()
+    batch = []
+    for r in requests:
+        try:
+            batch.append(ScoreRequest.from_args(r.id, r.args, r.kwargs))
+        except MalformedMessage as exc:
+            log.error("dropping malformed message %s: %s", describe(r.id), exc)
+            reply.ack.append(str(r.id))
+    done = score.scorer.process(batch)
+    return {"ack": reply.ack + done.ack, "requeue": done.requeue}

@@ -133,9 +133,9 @@ class FaultEnv:
 
     @contextmanager
     def worker(
-        self, name: str = "w", concurrency: int = 2, **extra: str
+        self, name: str = "w", concurrency: int = 2, app: str = "worker", **extra: str
     ) -> Iterator[subprocess.Popen[bytes]]:
-        """A real scoring worker of this world."""
+        """A real scoring worker of this world (``app``: a test app such as tests.poison)."""
         log = self.tmp / f"{name}-{len(self.logs)}.log"
         self.logs.append(log)
         env = dict(self.env, **extra)
@@ -145,6 +145,7 @@ class FaultEnv:
             extra_env=env,
             log_path=log,
             name=f"{name}{len(self.logs)}",
+            app=app,
         ) as proc:
             yield proc
 

@@ -29,7 +29,7 @@ def _fake_run(world: FaultEnv, run_id: str, count: int) -> None:
     pipe = client.pipeline(transaction=False)
     for n in range(count):
         uid = f"{n:032x}"
-        pipe.sadd(keys.ids, uid)
+        pipe.hset(keys.ids, uid, f"{uid}.jpg")
         if n % 50 == 7:
             pipe.hset(keys.err, uid, "corrupt: truncated")
         else:

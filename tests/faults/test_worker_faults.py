@@ -80,7 +80,7 @@ def test_poison_picture_becomes_an_error_after_bounded_deliveries(
     # A generous time limit: each death costs a new pool process a TensorFlow start.
     with world.worker(
         "w",
-        GENDERSCORE_TEST_CRASH_MARKER="poison",
+        app="tests.poison",
         GENDERSCORE_SCORE_TIME_LIMIT="60",
         GENDERSCORE_VISIBILITY_TIMEOUT="120",
     ):
