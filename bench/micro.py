@@ -116,7 +116,8 @@ def collect(client: redis.Redis, count: int, scan_counts: tuple[int, ...] = ()) 
         memory_pred = used_memory(client)
         pipe = client.pipeline(transaction=False)
         for start in range(0, count, WRITE_CHUNK):
-            pipe.hset(keys.ids, mapping={u: f"{u}.jpg" for u in userids[start : start + WRITE_CHUNK]})
+            chunk = userids[start : start + WRITE_CHUNK]
+            pipe.hset(keys.ids, mapping={u: f"{u}.jpg" for u in chunk})
         pipe.execute()
         memory_ids = used_memory(client)
         seal_run(client, run_id, count)

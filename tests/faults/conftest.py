@@ -97,9 +97,13 @@ class FaultEnv:
         """A client of this world's Redis."""
         return redis.Redis.from_url(self.redis_url, decode_responses=True)
 
+    def patched(self) -> Any:
+        """A context in which this process's settings use this world's key prefix."""
+        return mock.patch.object(settings, "key_prefix", self.prefix)
+
     def keys(self, run_id: str) -> RunKeys:
         """The run's keys under this world's prefix."""
-        with mock.patch.object(settings, "key_prefix", self.prefix):
+        with self.patched():
             return run_keys(run_id)
 
     def cli(

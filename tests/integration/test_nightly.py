@@ -8,6 +8,8 @@ second scheduler sends its tasks too, but the lock lets only one run at a time.
 from __future__ import annotations
 
 import csv
+import os
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from producer.nightly import (
     parse_schedule,
     release_lock,
 )
+from tests.faults.conftest import FaultEnv
 from tests.helpers import (
     ROOT,
     background,
@@ -61,8 +64,8 @@ def test_no_entry_without_a_folder(tmp_path: Path) -> None:
         )
     ).values()
     assert entry["task"] == "genderscore.nightly"
-    assert entry["kwargs"]["images_dir"] == str(tmp_path)
-    assert entry["kwargs"]["output_dir"] == str(tmp_path / "out")
+    # The worker reads its folders from its own settings: no path travels in a message.
+    assert "kwargs" not in entry and "args" not in entry
 
 
 def test_lock_is_exclusive_and_resumable(redis_client: redis.Redis) -> None:
@@ -137,85 +140,171 @@ def csv_userids(path: Path) -> list[str]:
 
 
 @contextmanager
-def holding_lock(client: redis.Redis) -> Iterator[None]:
+def holding_lock(client: redis.Redis, key: str) -> Iterator[None]:
     """Hold the nightly lock, as a run would: no nightly run starts meanwhile."""
     wait_for(
-        lambda: client.set(nightly_lock(), "test holder", nx=True, ex=60),
+        lambda: client.set(key, "test holder", nx=True, ex=60),
         "the nightly lock",
         timeout=60,
     )
     try:
         yield
     finally:
-        if client.get(nightly_lock()) == "test holder":
-            client.delete(nightly_lock())
+        if client.get(key) == "test holder":
+            client.delete(key)
 
 
 @pytest.mark.slow
 def test_nightly_runs_score_only_new_pictures_once(
-    score_worker: Path,
-    redis_client: redis.Redis,
-    tmp_path: Path,
+    redis_client: redis.Redis, tiny_model: Path, tmp_path: Path
 ) -> None:
     pictures, out = tmp_path / "pictures", tmp_path / "out"
-    # Userids of its own: the session's other runs fill the same model's scored index.
     first = make_pictures(pictures, 10, start=BASE)
     (pictures / "notes.txt").write_text("not a picture")
-    env = {
-        "GENDERSCORE_NIGHTLY_CRON": str(TICK),
-        "GENDERSCORE_NIGHTLY_IMAGES_DIR": str(pictures),
-        "GENDERSCORE_NIGHTLY_OUTPUT_DIR": str(out),
-        "GENDERSCORE_NIGHTLY_POLL_SECONDS": "0.5",
-        "GENDERSCORE_NIGHTLY_LOCK_SECONDS": "120",
-    }
-    redis_client.delete(nightly_lock())
-    runs_before = set(redis_client.zrange(runs_index(), 0, -1))
-    # The session's worker runs the nightly tasks: beat sends the folders as arguments.
-    log_start = score_worker.stat().st_size
+    # A world of its own (key prefix, queues): its worker is the one with nightly settings.
+    world = FaultEnv(
+        tmp_path,
+        os.environ["GENDERSCORE_REDIS_URL"],
+        tiny_model,
+        nightly_cron=TICK,
+        nightly_images_dir=pictures,
+        nightly_output_dir=out,
+        nightly_poll_seconds=0.5,
+        nightly_lock_seconds=120,
+    )
+    client = world.client
+    with world.patched():
+        lock_key, runs_key = nightly_lock(), runs_index()
+    try:
+        with (
+            world.worker("nightly") as _,
+            celery_beat(world.env, tmp_path / "beat1") as beat1,
+            celery_beat(world.env, tmp_path / "beat2") as beat2,
+        ):
+            worker_log = world.logs[-1]
+            wait_for(lambda: len(dated_csvs(out)) >= 1, "the first nightly CSV", timeout=240)
+            (first_csv,) = dated_csvs(out)
+            assert csv_userids(first_csv) == sorted(first)
+            assert (out / "latest.csv").read_bytes() == first_csv.read_bytes()
+            assert (out / "latest.errors.csv").read_text() == "userid,error\n"
 
-    def worker_log() -> str:
+            # Change the folder under the lock, so that no run sees half of the change.
+            with holding_lock(client, lock_key):
+                added = make_pictures(pictures, 3, start=BASE + 10)
+                changed = userid(BASE + 2)
+                (pictures / f"{changed}.jpg").write_bytes(jpeg_bytes(picture("male", seed=999)))
+            wait_for(lambda: len(dated_csvs(out)) == 2, "the second nightly CSV")
+            second_csv = dated_csvs(out)[1]
+            assert csv_userids(second_csv) == sorted([*added, changed])
+            assert (out / "latest.csv").read_bytes() == second_csv.read_bytes()
+
+            # With nothing new, later runs end quietly: a log line, no run, no CSV.
+            def nothing_new() -> int:
+                return worker_log.read_text(errors="replace").count("nightly: nothing new in")
+
+            seen = nothing_new()
+            wait_for(lambda: nothing_new() >= seen + 2, "two nightly runs with nothing new", 60)
+            assert len(dated_csvs(out)) == 2
+            success = float(client.get(f"{world.prefix}:nightly:last_success") or 0)
+            assert time.time() - 30 < success <= time.time()
+
+        nightly_runs = [r for r in client.zrange(runs_key, 0, -1) if r.startswith("nightly-")]
+        assert len(nightly_runs) == 2
+        # Both schedulers sent tasks; those that met a held lock were skipped.
+        for beat_log in (beat1, beat2):
+            assert beat_log.read_text().count("Sending due task genderscore-nightly") >= 3
+        log = worker_log.read_text(errors="replace")
+        assert "still holds the lock; this one is skipped" in log
+        assert log.count("nightly: run nightly-") >= 4  # 2 started, 2 done
+        assert "Traceback" not in log
+    finally:
+        world.cleanup()
+
+
+def test_pictures_scored_after_the_deadline_are_in_the_next_nights_csv(
+    redis_client: redis.Redis, tiny_model: Path, tmp_path: Path
+) -> None:
+    from producer.nightly import NightlyConfig, finish_nightly, start_nightly
+    from worker.celery import app
+
+    pictures, out = tmp_path / "pictures", tmp_path / "out"
+    late = make_pictures(pictures, 8, start=BASE + 100)
+    world = FaultEnv(tmp_path, os.environ["GENDERSCORE_REDIS_URL"], tiny_model)
+    config = NightlyConfig(pictures, out, tiny_model, 120, 0.5, 0.5)
+    try:
+        with world.patched():
+            # Night 1: no worker consumes yet; the finisher reaches its deadline.
+            night1 = start_nightly(app, world.client, config, "task-1")
+            assert night1.status == "started" and night1.enqueued == 8
+            assert night1.run_id is not None
+            written = finish_nightly(world.client, night1.run_id, "task-1", out, deadline=0)
+            assert written is not None and written.scored == 0 and written.missing == 8
+            failure = world.client.hgetall(f"{world.prefix}:nightly:last_failure")
+            assert "8 pending pictures" in failure["reason"]
+        # The worker scores night 1's messages after its CSV was written.
+        with world.worker("late"):
+            world.wait_settled(night1.run_id, 8, timeout=120)
+        with world.patched():
+            # Night 2: nothing new to score, but night 1's late results are delivered.
+            night2 = start_nightly(app, world.client, config, "task-2")
+            assert (night2.status, night2.delivered_late) == ("nothing_new", 8)
+            assert csv_userids(out / "latest.csv") == sorted(late)
+            # Night 3: nothing is owed any more.
+            night3 = start_nightly(app, world.client, config, "task-3")
+            assert (night3.status, night3.delivered_late) == ("nothing_new", 0)
+        assert len(dated_csvs(out)) == 2
+    finally:
+        world.cleanup()
+
+
+def test_nightly_source_that_shrank_is_refused(
+    redis_client: redis.Redis, tiny_model: Path, tmp_path: Path
+) -> None:
+    from producer.nightly import NightlyConfig, SourceRefused, start_nightly
+    from worker.celery import app
+
+    pictures = tmp_path / "pictures"
+    make_pictures(pictures, 10, start=BASE + 200)
+    world = FaultEnv(tmp_path, os.environ["GENDERSCORE_REDIS_URL"], tiny_model)
+    config = NightlyConfig(pictures, tmp_path / "out", tiny_model, 120, 0.5, 0.5)
+    try:
+        with world.patched():
+            world.client.set(f"{world.prefix}:nightly:count", 25)
+            with pytest.raises(SourceRefused, match="shrank from 25 to 10"):
+                start_nightly(app, world.client, config, "task-1")
+            failure = world.client.hgetall(f"{world.prefix}:nightly:last_failure")
+            assert "shrank from 25 to 10" in failure["reason"]
+            assert not world.client.exists(f"{world.prefix}:lock:nightly")  # released
+            for path in pictures.iterdir():
+                path.unlink()
+            with pytest.raises(SourceRefused, match="holds no picture"):
+                start_nightly(app, world.client, config, "task-2")
+    finally:
+        world.cleanup()
+
+
+def test_nightly_finish_takes_no_path_from_its_message(
+    score_worker: Path, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from worker.celery import app
+
+    target = tmp_path / "pwn"
+    log_start = score_worker.stat().st_size
+    climb = f"x/../../../..{target}"
+    hostile = [
+        (climb, "task", 0.0),  # a run id that climbs out of the output folder
+        (climb, "task", str(tmp_path), 0.0, 0.5),  # and an output folder in the message
+        ("nightly-20260101-000000-abcd", "task", str(tmp_path), 0.0, 0.5),
+        ("nightly-20260101-000000-abcd", "../../etc", 0.0),
+    ]
+    for args in hostile:
+        app.send_task("genderscore.nightly_finish", args=args)
+
+    def refused() -> int:
         with score_worker.open("rb") as handle:
             handle.seek(log_start)
-            return handle.read().decode(errors="replace")
+            text = handle.read().decode(errors="replace")
+        return len(re.findall(r"nightly_finish\[[^\]]+\] raised unexpected", text))
 
-    with (
-        celery_beat(env, tmp_path / "beat1") as beat1,
-        celery_beat(env, tmp_path / "beat2") as beat2,
-    ):
-        wait_for(lambda: len(dated_csvs(out)) >= 1, "the first nightly CSV", timeout=240)
-        (first_csv,) = dated_csvs(out)
-        assert csv_userids(first_csv) == sorted(first)
-        assert (out / "latest.csv").read_bytes() == first_csv.read_bytes()
-        assert (out / "latest.errors.csv").read_text() == "userid,error\n"
-
-        # Change the folder under the lock, so that no run sees half of the change.
-        with holding_lock(redis_client):
-            added = make_pictures(pictures, 3, start=BASE + 10)
-            changed = userid(BASE + 2)
-            (pictures / f"{changed}.jpg").write_bytes(jpeg_bytes(picture("male", seed=999)))
-        wait_for(lambda: len(dated_csvs(out)) == 2, "the second nightly CSV")
-        second_csv = dated_csvs(out)[1]
-        assert csv_userids(second_csv) == sorted([*added, changed])
-        assert (out / "latest.csv").read_bytes() == second_csv.read_bytes()
-
-        # With nothing new, later runs end quietly: a log line, no run, no CSV.
-        def nothing_new() -> int:
-            return worker_log().count("nightly: nothing new in")
-
-        seen = nothing_new()
-        wait_for(lambda: nothing_new() >= seen + 2, "two nightly runs with nothing new", timeout=60)
-        assert len(dated_csvs(out)) == 2
-
-    nightly_runs = [
-        r
-        for r in redis_client.zrange(runs_index(), 0, -1)
-        if r not in runs_before and r.startswith("nightly-")
-    ]
-    assert len(nightly_runs) == 2
-    # Both schedulers sent tasks; those that met a held lock were skipped.
-    for beat_log in (beat1, beat2):
-        assert beat_log.read_text().count("Sending due task genderscore-nightly") >= 3
-    log = worker_log()
-    assert "still holds the lock; this one is skipped" in log
-    assert log.count("nightly: run nightly-") >= 4  # 2 started, 2 done
-    assert "Traceback" not in log
+    wait_for(lambda: refused() >= len(hostile), "the worker to refuse every message", 60)
+    assert not list(tmp_path.glob("**/*.csv")) and not Path(f"{target}.csv").exists()
