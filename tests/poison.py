@@ -1,16 +1,22 @@
-"""A test-only Celery app: the real one, whose decoding kills its process on a poison picture.
+"""A test-only Celery app: the real one, with faults injected by userid.
 
-``celery -A tests.poison worker`` runs the real scoring task; only ``prepare`` (read and
-decode one picture) is wrapped, so a picture whose userid contains "poison" ends its
-pool process the way a crashing native decoder would. Production code has no such hook.
+``celery -A tests.poison worker`` runs the real scoring task with three wrappers, each
+triggered by a word in a userid: "poison" ends the pool process while decoding (as a
+crashing native decoder would), "explode" makes the batch's scoring raise (a bug),
+"flaky" meets refused Redis writes a few times. Production code has no such hooks.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
+
+import worker.batching as batching
+import worker.keys as keys
 import worker.scoring as scoring
 import worker.tasks  # noqa: F401  (registers genderscore.score on the app)
 from worker import app
@@ -27,3 +33,31 @@ def _prepare(bundle: Any, item: tuple[str, Path]) -> scoring.Prepared:
 
 
 scoring.prepare = _prepare
+
+
+# A userid containing "explode" makes the scoring of its batch raise, as a bug would.
+_real_score_pictures = batching.score_pictures
+
+
+def _score_pictures(bundle: Any, items: Sequence[tuple[str, Path]], size: int) -> Any:
+    if any("explode" in userid for userid, _ in items):
+        raise RuntimeError("a bug in scoring")
+    return _real_score_pictures(bundle, items, size)
+
+
+batching.score_pictures = _score_pictures
+
+# A userid containing "flaky" meets a refused Redis write the first FLAKY_FAULTS times it
+# is recorded (counted in Redis, across pool processes): requeues, not deaths.
+FLAKY_FAULTS = 4
+_real_record = batching.record_outcomes
+
+
+def _record_outcomes(client: Any, run_id: str, sha: str, outcomes: Sequence[Any]) -> int:
+    flaky = any("flaky" in o.userid for o in outcomes)
+    if flaky and int(client.incr(f"{keys.prefix()}flaky-faults")) <= FLAKY_FAULTS:
+        raise redis.ResponseError("simulated: OOM command not allowed")
+    return int(_real_record(client, run_id, sha, outcomes))
+
+
+batching.record_outcomes = _record_outcomes
