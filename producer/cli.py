@@ -354,6 +354,25 @@ def demo(workdir: Path, count: int, epochs: int) -> None:
     click.echo(str(result.csv_path))
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--served",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The served name to point at MODEL (default: GENDERSCORE_MODEL).",
+)
+def promote(model: Path, served: Path | None) -> None:
+    """Serve MODEL, a trained version in the models folder: GENDERSCORE_MODEL links to it."""
+    from worker.model import ModelError, promote_model
+
+    target = served or _settings().model
+    try:
+        sha = promote_model(model, target)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{target} -> {model.name} (sha256 {sha[:12]})", err=True)
+
+
 def _register_training() -> None:
     from training.cli import evaluate, train
 

@@ -16,7 +16,6 @@ import click
 
 from training.network import OPTIMIZERS
 
-DEFAULT_OUT = Path("models/gender.h5")
 POLL_SECONDS = 1.0
 WORKER_HINT_SECONDS = 10.0  # say how to start a training worker after this long PENDING
 
@@ -35,10 +34,15 @@ def _epoch_line(epochs: int) -> Any:
 @click.argument("labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--out",
-    default=DEFAULT_OUT,
-    show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Model .h5; <name>.json (metadata) and <name>.png (curves) go beside it.",
+    help="Model .h5 (default: a new version <models>/<name>-<time>.h5); <name>.json "
+    "(metadata) and <name>.png (curves) go beside it. Never the served model: see promote.",
+)
+@click.option(
+    "--name",
+    default="gender",
+    show_default=True,
+    help="Name of the new version in the models folder (GENDERSCORE_MODEL's folder).",
 )
 @click.option(
     "--epochs",
@@ -89,7 +93,8 @@ def _epoch_line(epochs: int) -> Any:
 def train(
     images_dir: Path,
     labels_csv: Path,
-    out: Path,
+    out: Path | None,
+    name: str,
     epochs: int,
     batch_size: int,
     image_size: int,
@@ -112,12 +117,30 @@ def train(
         "optimizer": optimizer,
         "patience": patience,
     }
+    from worker.model import ModelError, versioned_model_path
+    from worker.settings import settings
+
     if submit:
-        _submit(images_dir, labels_csv, out, options, timeout)
+        if out is not None:
+            raise click.UsageError(
+                "--out is for training here; a training worker writes a new version "
+                "<models>/<name>-<time>.h5 (see --name)"
+            )
+        _submit(images_dir, labels_csv, name, options, timeout)
         return
     from training.data import TrainingError
     from training.train import train as train_model
     from worker.labels import LabelsError
+
+    try:
+        out = out or versioned_model_path(name)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    served = settings.model
+    if out.absolute() in (served.absolute(), served.resolve()):
+        raise click.ClickException(
+            f"{out} is the served model: train a new version, then `genderscore promote` it"
+        )
 
     try:
         result = train_model(images_dir, labels_csv, out, progress=_epoch_line(epochs), **options)
@@ -127,14 +150,15 @@ def train(
         click.echo(line, err=True)
     click.echo(
         f"model {result.model_path}, metadata {result.metadata_path.name}, "
-        f"curves {result.curves_path.name}",
+        f"curves {result.curves_path.name}; serve it with `genderscore promote "
+        f"{result.model_path}`",
         err=True,
     )
     click.echo(result.summary())
 
 
 def _submit(
-    images_dir: Path, labels_csv: Path, out: Path, options: dict[str, Any], timeout: float | None
+    images_dir: Path, labels_csv: Path, name: str, options: dict[str, Any], timeout: float | None
 ) -> None:
     """Send ``genderscore.train`` to the training queue and follow it to the end."""
 
@@ -148,17 +172,19 @@ def _submit(
         read_labels(labels_csv)
     except LabelsError as exc:
         raise click.ClickException(str(exc)) from None
-    if out.suffix != ".h5":
-        raise click.ClickException(f"--out must end in .h5 (HDF5), not {out.name!r}")
+    from worker.model import MODEL_NAME_RE
+
+    if MODEL_NAME_RE.fullmatch(name) is None:
+        raise click.UsageError(f"--name {name!a}: expected [A-Za-z0-9_-]{{1,64}}")
     try:
         client = connect_checked()
     except RedisUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     # Absolute paths: the worker resolves them, not this shell's working directory.
-    args = [str(images_dir.resolve()), str(labels_csv.resolve()), str(out.resolve())]
+    args = [str(images_dir.resolve()), str(labels_csv.resolve()), name]
     result = app.send_task(TASK_NAME, args=args, kwargs=options, queue=TRAINING_QUEUE)
     ProgressRecorder(client, result.id, options["epochs"]).write(
-        {"state": "PENDING", "epoch": 0, "epochs": options["epochs"], "out": args[2]}
+        {"state": "PENDING", "epoch": 0, "epochs": options["epochs"], "name": name}
     )
     click.echo(
         f"training task {result.id} sent to queue '{TRAINING_QUEUE}' ({settings.key_prefix})",

@@ -28,6 +28,7 @@ from redis.typing import EncodableT, FieldT
 from training.train import device_description, format_epoch, train
 from worker.celery import app
 from worker.keys import training_index, training_progress
+from worker.model import versioned_model_path
 from worker.results import connect
 from worker.settings import settings
 
@@ -168,9 +169,17 @@ def run_training(
     time_limit=settings.training_time_limit,
 )
 def train_task(
-    self: Task[Any, Any], /, images_dir: str, labels_csv: str, out: str, **options: Any
+    self: Task[Any, Any], /, images_dir: str, labels_csv: str, name: str, **options: Any
 ) -> dict[str, Any]:
-    """Train a model from IMAGES_DIR and LABELS_CSV into OUT (paths as the worker sees them)."""
+    """Train a model from IMAGES_DIR and LABELS_CSV (paths as the worker sees them).
+
+    The model is written to a new version ``<models>/<name>-<time>.h5`` in the folder of
+    GENDERSCORE_MODEL, never anywhere a message names and never over the served model:
+    ``genderscore promote`` serves it.
+    """
+    if not all(isinstance(v, str) for v in (images_dir, labels_csv, name)):
+        raise ValueError("images_dir, labels_csv and name must be strings")
+    out = str(versioned_model_path(name))
     task_id = self.request.id or "eager"
 
     def publish_progress(state: str, meta: dict[str, Any]) -> None:

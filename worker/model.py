@@ -18,12 +18,14 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -228,8 +230,9 @@ def check_h5_config(model_path: Path, data: bytes | None = None) -> None:
 def check_model_file(model_path: Path) -> str:
     """Everything checkable without TensorFlow: the name, the metadata's fields, the
     sha256 against the metadata, plain HDF5 with no Lambda layers. Returns the sha256;
-    raises ModelError."""
+    raises ModelError. A served name that links to a versioned model is resolved first."""
     check_suffix(model_path)
+    model_path = model_path.resolve()
     meta = read_metadata(model_path)
     data = read_model_file(model_path)
     sha = verify_model_bytes(model_path, data, meta)
@@ -272,7 +275,9 @@ def _keras_load(model_path: Path, data: bytes) -> Any:
 
 
 def load_bundle(model_path: Path, tf_threads: int | None = None) -> ModelBundle:
-    """Verify, check and load a model with its metadata."""
+    """Verify, check and load a model with its metadata (a link is resolved first)."""
+    check_suffix(model_path)
+    model_path = model_path.resolve()
     meta = read_metadata(model_path)
     data = read_model_file(model_path)
     sha = verify_model_bytes(model_path, data, meta)
@@ -363,6 +368,51 @@ class ModelCache:
                     self._bundles.popitem(last=False)
             self._bundles.move_to_end(key)
         return bundle
+
+
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def versioned_model_path(name: str, folder: Path | None = None) -> Path:
+    """``<folder>/<name>-<YYYYmmdd-HHMMSS>.h5``, a new file in the models folder
+    (default: the folder of GENDERSCORE_MODEL). Training writes there, never over the
+    served model; ``promote_model`` makes a version the served one."""
+    if MODEL_NAME_RE.fullmatch(name) is None:
+        raise ModelError(f"invalid model name {name[:80]!a}: expected [A-Za-z0-9_-]{{1,64}}")
+    folder = (folder or settings.model.parent).resolve()
+    path = folder / f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}.h5"
+    if path.exists() or path.is_symlink():
+        raise ModelError(f"{path} exists already: a version is never overwritten")
+    return path
+
+
+def promote_model(model: Path, served: Path) -> str:
+    """Make ``model`` (a checked version in the served name's folder) the served model.
+
+    The served ``<name>.h5`` and ``<name>.json`` become links to the version, each
+    replaced atomically. Runs enqueued before keep scoring with the version they named
+    (messages carry the resolved file). A served name that was a plain file is kept as
+    ``<name>-previous-<time>.h5``. Returns the promoted model's sha256.
+    """
+    check_suffix(served)
+    sha = check_model_file(model)
+    target = model.resolve()
+    if target.parent != served.parent.resolve():
+        raise ModelError(f"{model} is not in {served.parent}: promote a version of that folder")
+    if target.stem == served.stem:
+        raise ModelError(f"{model} is the served name itself: promote a versioned file")
+    if served.exists() and not served.is_symlink():
+        keep = served.with_name(f"{served.stem}-previous-{datetime.now(UTC):%Y%m%d-%H%M%S}.h5")
+        if metadata_path(served).exists():
+            os.replace(metadata_path(served), metadata_path(keep))
+        os.replace(served, keep)
+    for link, name in ((metadata_path(served), metadata_path(target).name), (served, target.name)):
+        tmp = link.with_name(f".{link.name}.promote")
+        tmp.unlink(missing_ok=True)
+        os.symlink(name, tmp)
+        os.replace(tmp, link)
+    log.info("promoted %s (sha256 %s) to %s", target.name, sha[:12], served)
+    return sha
 
 
 def save_model(model: Any, model_path: Path, metadata: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ well under a minute on two cores.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +281,7 @@ def test_submit_trains_on_a_real_training_worker_and_status_shows_epochs(
     from tests.helpers import celery_worker
     from worker.model import file_sha256
 
-    out = tmp_path / "submitted.h5"
+    models = Path(os.environ["GENDERSCORE_MODEL"]).parent
     log = tmp_path / "training-worker.log"
     with celery_worker("training", concurrency=1, log_path=log, name="trainer"):
         result = CliRunner().invoke(
@@ -289,8 +290,8 @@ def test_submit_trains_on_a_real_training_worker_and_status_shows_epochs(
                 "train",
                 str(course_data["images"]),
                 str(course_data["profile"]),
-                "--out",
-                str(out),
+                "--name",
+                "submitted",
                 "--epochs",
                 "2",
                 "--image-size",
@@ -309,6 +310,73 @@ def test_submit_trains_on_a_real_training_worker_and_status_shows_epochs(
     assert status.exit_code == 0, status.output
     training_rows = [line for line in status.output.splitlines() if "SUCCESS" in line]
     assert training_rows and "2/2" in training_rows[0]
+    (out,) = models.glob("submitted-*.h5")  # a new version beside the served model
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["sha256"] == file_sha256(out)
     assert "training worker: visibility timeout" in log.read_text()
+
+
+def test_a_training_message_cannot_choose_where_the_model_goes(
+    redis_client: redis.Redis, tiny_model: Path, tmp_path: Path
+) -> None:
+    from tests.helpers import celery_worker
+    from worker.celery import TRAINING_QUEUE, app
+
+    served = Path(os.environ["GENDERSCORE_MODEL"])
+    before = served.read_bytes()
+    log = tmp_path / "training-worker.log"
+    hostile = [
+        ((str(tmp_path), str(tmp_path / "l.csv"), "gender"), {"out": str(served)}),
+        ((str(tmp_path), str(tmp_path / "l.csv"), str(served)), {}),
+        ((str(tmp_path), str(tmp_path / "l.csv"), "../../../tmp/pwn"), {}),
+    ]
+    with celery_worker("training", concurrency=1, log_path=log, name="trainer2"):
+        results = [
+            app.send_task("genderscore.train", args=a, kwargs=k, queue=TRAINING_QUEUE)
+            for a, k in hostile
+        ]
+        for result in results:
+            with pytest.raises(Exception, match="unknown training options out|invalid model name"):
+                result.get(timeout=120)
+    assert served.read_bytes() == before
+    assert not Path("/tmp/pwn.h5").exists()
+
+
+def test_train_never_writes_the_served_model_and_promote_serves_a_version(
+    course_data: dict[str, Any], tmp_path: Path
+) -> None:
+    from unittest import mock
+
+    from producer.cli import main
+    from tests.helpers import make_model_file
+    from worker.model import check_model_file
+    from worker.settings import settings
+
+    models = tmp_path / "models"
+    served = models / "gender.h5"
+    first = make_model_file(served, image_size=24, seed=1).read_bytes()  # a plain file, served
+    with mock.patch.object(settings, "model", served):
+        refused = CliRunner().invoke(
+            main,
+            [
+                "train",
+                str(course_data["images"]),
+                str(course_data["profile"]),
+                "--out",
+                str(served),
+            ],
+        )
+        assert refused.exit_code != 0 and "promote" in refused.output
+        version = make_model_file(models / "gender-20260101-000000.h5", image_size=24, seed=2)
+        promoted = CliRunner().invoke(main, ["promote", str(version)])
+        assert promoted.exit_code == 0, promoted.output
+    assert served.is_symlink() and served.resolve() == version.resolve()
+    assert (
+        check_model_file(served) == json.loads(version.with_suffix(".json").read_text())["sha256"]
+    )
+    (kept,) = models.glob("gender-previous-*.h5")  # the plain file served before, kept
+    assert kept.read_bytes() == first
+    elsewhere = make_model_file(tmp_path / "other" / "x.h5", image_size=24, seed=3)
+    with mock.patch.object(settings, "model", served):
+        outside = CliRunner().invoke(main, ["promote", str(elsewhere)])
+    assert outside.exit_code != 0 and "not in" in outside.output
