@@ -20,10 +20,10 @@ from secrets import token_hex
 import redis
 from celery import Celery
 
-from worker.broker import ScoreTask, publish_scores
-from worker.ids import check_run_id, check_userid, picture_ref
+from worker.ids import check_run_id, check_userid
 from worker.keys import run_keys
 from worker.results import create_run, seal_run
+from worker.runs import publish_pictures
 
 log = logging.getLogger(__name__)
 CHUNK = 1000
@@ -42,30 +42,6 @@ class Enqueued:
     published: int
     already_in_run: int
     total: int
-
-
-def publish_pictures(
-    app: Celery,
-    client: redis.Redis,
-    run_id: str,
-    pictures: Sequence[tuple[str, str]],
-    progress: Callable[[int], None] | None = None,
-    record: bool = True,
-) -> None:
-    """Publish the ``(userid, name)`` pictures of a run, then (``record``) add them to its
-    id set, a chunk at a time, with the run's source and model from its metadata."""
-    meta = client.hmget(run_keys(run_id).meta, ["source", "model", "model_sha"])
-    source, model, sha = (str(v) if v is not None else "" for v in meta)
-    if not (source and model and sha):
-        raise LookupError(f"run {run_id} has no source or model in Redis")
-    for start in range(0, len(pictures), CHUNK):
-        chunk = pictures[start : start + CHUNK]
-        tasks = [ScoreTask(run_id, u, picture_ref(source, name), model, sha) for u, name in chunk]
-        publish_scores(app, tasks)
-        if record:
-            client.hset(run_keys(run_id).ids, mapping=dict(chunk))
-        if progress:
-            progress(len(chunk))
 
 
 def enqueue_run(

@@ -11,8 +11,8 @@ from typing import TextIO
 import redis
 from celery import Celery
 
-from producer.reconcile import repair_stalled
 from worker.results import RunCounts, run_counts
+from worker.runs import repair_stalled
 
 log = logging.getLogger(__name__)
 # Without progress for this long, userids lost in transit are enqueued again (only when
@@ -49,7 +49,7 @@ def wait_for_run(
     """Poll a run until it finishes (or ``timeout``), drawing a progress line on a TTY.
 
     When nothing has settled for ``stall_after`` seconds, ``repair`` is called (it
-    re-enqueues userids lost in transit, see ``producer.reconcile.repair_stalled``).
+    re-enqueues userids lost in transit, see ``worker.runs.repair_stalled``).
     """
     out = stream or sys.stderr
     live = out.isatty()

@@ -40,7 +40,6 @@ from celery.utils.log import get_task_logger
 from producer.collect import Collected, RunData, load_run, write_outputs
 from producer.enqueue import enqueue_run, new_run_id
 from producer.newness import only_new_pictures
-from producer.reconcile import repair_stalled
 from producer.scan import scan_pictures
 from worker.celery import SCORE_QUEUE, app
 from worker.files import errors_path, write_atomic
@@ -55,6 +54,7 @@ from worker.keys import (
 )
 from worker.model import check_model_file
 from worker.results import connect, run_counts
+from worker.runs import repair_stalled
 from worker.settings import Settings, settings
 
 log = get_task_logger(__name__)

@@ -4,10 +4,8 @@ With AOF persistence nothing is lost; after a Redis crash without it (or a flush
 the run's bookkeeping is gone or partial. ``reconcile`` rebuilds the run's id set from
 the picture folder when needed and publishes each userid that has neither a
 prediction nor an error. Writes are idempotent, so a userid whose message was still
-queued is at worst scored twice and recorded once.
-
-``repair_stalled`` is the narrower repair for messages lost in transit (Redis as
-broker): it acts only when no message of the run is queued or unacknowledged.
+queued is at worst scored twice and recorded once. (Messages lost in transit are
+repaired by the workers themselves: ``worker.runs``.)
 """
 
 from __future__ import annotations
@@ -18,27 +16,17 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from producer.enqueue import publish_pictures
 from producer.scan import scan_pictures
-from worker.broker import run_in_flight
 from worker.keys import run_keys
 from worker.model import ModelError, check_model_file
 from worker.results import RunConflict, create_run, read_hash, run_userids, seal_run
+from worker.runs import publish_pictures, unsettled
 
 log = logging.getLogger(__name__)
 
 
 class ReconcileError(RuntimeError):
     """The run cannot be repaired with what is known; the message says what to pass."""
-
-
-def unsettled(client: redis.Redis, run_id: str) -> list[tuple[str, str]]:
-    """``(userid, picture name)`` of the run with neither a prediction nor an error, sorted."""
-    keys = run_keys(run_id)
-    expected = run_userids(client, run_id)
-    settled = {u for u, _ in client.hscan_iter(keys.pred, count=5000)}
-    settled |= {u for u, _ in client.hscan_iter(keys.err, count=5000)}
-    return sorted((u, name) for u, name in expected.items() if u not in settled)
 
 
 def reconcile_run(
@@ -76,20 +64,3 @@ def reconcile_run(
     publish_pictures(app, client, run_id, todo, record=False)
     seal_run(client, run_id, int(client.hlen(keys.ids)))
     return len(todo)
-
-
-def repair_stalled(app: Celery, client: redis.Redis, run_id: str) -> int:
-    """Re-enqueue a stalled run's unsettled userids, when nothing can still deliver them.
-
-    Redis's BRPOP hands a message to a worker before kombu records it as unacked: a
-    connection lost in between loses the message. Once no message of the run is queued
-    or unacknowledged, an unsettled userid can only have been lost that way.
-    """
-    if run_in_flight(run_id):
-        return 0
-    todo = unsettled(client, run_id)
-    if todo and client.hexists(run_keys(run_id).meta, "model_sha"):
-        log.warning("run %s stalled: re-enqueueing %d userids lost in transit", run_id, len(todo))
-        publish_pictures(app, client, run_id, todo, record=False)
-        return len(todo)
-    return 0

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, signals
+from kombu import Exchange, Queue
 
 from worker.keys import prefix
 from worker.settings import Settings, cpu_count, settings
@@ -18,6 +20,7 @@ log = logging.getLogger(__name__)
 
 SCORE_QUEUE = "score"
 TRAINING_QUEUE = "training"
+EXCHANGE = "genderscore"  # RabbitMQ: the topic exchange both queues are bound to
 
 
 def transport_options(s: Settings, training: bool = False) -> dict[str, Any]:
@@ -47,12 +50,42 @@ def transport_options(s: Settings, training: bool = False) -> dict[str, Any]:
     return options
 
 
+def is_redis_url(url: str) -> bool:
+    """Whether ``url`` names a Redis server (else the broker is AMQP: RabbitMQ)."""
+    return urlsplit(url).scheme in ("redis", "rediss", "unix")
+
+
+def amqp_config() -> dict[str, Any]:
+    """RabbitMQ: durable quorum queues on a topic exchange, publisher confirms.
+
+    Quorum queues are replicated and keep their messages through a broker restart;
+    a topic exchange is what Celery's native delayed delivery needs for countdowns on
+    quorum queues (the nightly finisher). No visibility timeout: RabbitMQ returns a
+    consumer's unacknowledged messages when its connection closes.
+    """
+    exchange = Exchange(EXCHANGE, type="topic", durable=True)
+    quorum = {"x-queue-type": "quorum"}
+    return {
+        "task_queues": [
+            Queue(name, exchange, routing_key=name, durable=True, queue_arguments=quorum)
+            for name in (SCORE_QUEUE, TRAINING_QUEUE)
+        ],
+        "task_default_exchange": EXCHANGE,
+        "task_default_exchange_type": "topic",
+        "task_default_routing_key": SCORE_QUEUE,
+        "task_default_queue_type": "quorum",
+        "broker_transport_options": {"confirm_publish": True},
+        "task_create_missing_queues": False,
+    }
+
+
 def celery_config(s: Settings) -> dict[str, Any]:
     """The Celery configuration for settings ``s``."""
+    redis_broker = is_redis_url(s.effective_broker_url)
     return {
         "broker_url": s.effective_broker_url,
         "result_backend": s.redis_url,  # training progress and results only
-        "broker_transport_options": transport_options(s),
+        "broker_transport_options": transport_options(s) if redis_broker else {},
         "result_backend_transport_options": {"global_keyprefix": prefix()},
         "broker_connection_retry_on_startup": True,
         # JSON only: a pickled message is refused by the worker, never deserialized.
@@ -82,6 +115,7 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "task_track_started": True,
         "worker_hijack_root_logger": False,
         "timezone": "UTC",
+        **({} if redis_broker else amqp_config()),
     }
 
 
@@ -95,6 +129,8 @@ def configure_worker(sender: Any = None, conf: Any = None, options: Any = None, 
     global _pool_processes
     _pool_processes = int((options or {}).get("concurrency") or 0) or cpu_count()
     queues = _queue_names((options or {}).get("queues"))
+    if not is_redis_url(settings.effective_broker_url):
+        declare_amqp_queues()
     if TRAINING_QUEUE in queues:
         if queues != {TRAINING_QUEUE}:
             raise SystemExit(
@@ -102,7 +138,8 @@ def configure_worker(sender: Any = None, conf: Any = None, options: Any = None, 
                 "(celery -A worker worker -Q training -c 1): its visibility timeout "
                 "and prefetch differ from scoring's"
             )
-        conf.broker_transport_options = transport_options(settings, training=True)
+        if is_redis_url(settings.effective_broker_url):
+            conf.broker_transport_options = transport_options(settings, training=True)
         conf.worker_prefetch_multiplier = 1
         _role.append(TRAINING_QUEUE)
     elif not queues or SCORE_QUEUE in queues:
@@ -115,18 +152,53 @@ def configure_worker(sender: Any = None, conf: Any = None, options: Any = None, 
             raise SystemExit(f"genderscore: {exc}") from None
 
 
+def declare_amqp_queues() -> None:
+    """Declare the exchange and both quorum queues on RabbitMQ.
+
+    Celery binds every queue of the app for delayed delivery when a worker starts, also
+    those it does not consume: each must exist by then.
+    """
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=5)
+            for queue in app.amqp.queues.values():
+                queue(conn.default_channel).declare()
+    except Exception as exc:  # the worker's own start retries the connection
+        log.warning("could not declare the queues on the broker yet: %s", exc)
+
+
 _pool_processes = 0
 _role: list[str] = []  # set by configure_worker, logged once logging is set up
+_repairer: list[Any] = []  # the scoring worker's repair thread, once started
 
 
 @signals.worker_ready.connect
 def log_role(**_: Any) -> None:
-    """Say which transport settings this worker runs with."""
+    """Say which transport settings this worker runs with; start a scoring worker's
+    repairer (Redis broker only: see ``worker.runs``)."""
     if TRAINING_QUEUE in _role:
         log.info(
             "training worker: visibility timeout %ss, prefetch 1, own unacked index",
             settings.training_visibility_timeout,
         )
+    elif is_redis_url(settings.effective_broker_url):
+        from worker.results import connect
+        from worker.runs import Repairer
+
+        _repairer.append(Repairer(app, connect()))
+        _repairer[0].start()
+        log.info(
+            "repairing runs stalled for %ss (checked every %ss)",
+            settings.repair_stall_seconds,
+            settings.repair_interval,
+        )
+
+
+@signals.worker_shutting_down.connect
+def stop_repairer(**_: Any) -> None:
+    """Stop the repairer with the worker."""
+    for repairer in _repairer:
+        repairer.stopped.set()
 
 
 def pool_processes() -> int:

@@ -17,6 +17,8 @@ the project's data, Celery's queues and its results alike.
     <p>:scored:<model_sha> hash  userid -> picture content hash (nightly --only-new)
     <p>:train:<task_id>    hash  training progress (epoch, metrics) for `status`
     <p>:lock:nightly       str   nightly run lock, with expiry
+    <p>:lock:repair        str   held by the one worker repairing a stalled run
+    <p>:repair:progress    hash  run -> "<settled>|<since>": when a run last made progress
     <p>:nightly:count      str   pictures in the nightly source last night (shrink check)
     <p>:nightly:last_success  str   unix time of the last night that went as planned
     <p>:nightly:last_failure  hash  at, reason: the last night that did not
@@ -116,3 +118,13 @@ def nightly_undelivered_runs() -> str:
 def nightly_undelivered(run_id: str) -> str:
     """Userids the nightly run ``run_id`` has not delivered in any nightly output yet."""
     return f"{prefix()}nightly:undelivered:{run_id}"
+
+
+def repair_lock() -> str:
+    """Lock held while a stalled run is repaired (one repair at a time)."""
+    return f"{prefix()}lock:repair"
+
+
+def repair_progress() -> str:
+    """Hash run -> "<settled count>|<unix time it was first seen>": stall detection."""
+    return f"{prefix()}repair:progress"

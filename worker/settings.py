@@ -51,6 +51,17 @@ class Settings(BaseSettings):
         3, ge=1, description="A picture whose worker died this many times becomes an error."
     )
     result_ttl_days: int = Field(30, ge=1, description="How long a run's keys live in Redis.")
+    # Redis as broker can lose a message popped by BRPOP before kombu records it as
+    # unacknowledged (celery/celery#7950): scoring workers re-publish what a stalled run
+    # is missing. A run is repaired at most interval + stall seconds after it stalls.
+    repair_interval: float = Field(
+        30, gt=0, description="Seconds between a worker's checks for stalled runs (Redis broker)."
+    )
+    repair_stall_seconds: float = Field(
+        60,
+        gt=0,
+        description="A run without progress this long, and nothing of it in flight, is repaired.",
+    )
 
     # --- Scoring ------------------------------------------------------------
     model: Path = Field(Path("models/gender.h5"), description="Keras .h5 model for scoring.")

@@ -132,9 +132,10 @@ def test_hostile_messages_are_dropped_before_anything_is_stored(
     for args in [*malformed, *outside, (run_id, good, picture, model, sha)]:
         app.send_task("genderscore.score", args=args)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and redis_client.hlen(keys.pred) + redis_client.hlen(
-        keys.err
-    ) < 3:
+    while (
+        time.monotonic() < deadline
+        and redis_client.hlen(keys.pred) + redis_client.hlen(keys.err) < 3
+    ):
         time.sleep(0.2)
     time.sleep(1)
     with score_worker.open("rb") as handle:
