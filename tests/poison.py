@@ -1,14 +1,17 @@
 """A test-only Celery app: the real one, with faults injected by userid.
 
-``celery -A tests.poison worker`` runs the real scoring task with three wrappers, each
+``celery -A tests.poison worker`` runs the real scoring task with four wrappers, each
 triggered by a word in a userid: "poison" ends the pool process while decoding (as a
 crashing native decoder would), "explode" makes the batch's scoring raise (a bug),
-"flaky" meets refused Redis writes a few times. Production code has no such hooks.
+"flaky" meets refused Redis writes a few times, "sleepy" holds its process a few
+seconds. Production code has no such hooks.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,3 +64,27 @@ def _record_outcomes(client: Any, run_id: str, sha: str, outcomes: Sequence[Any]
 
 
 batching.record_outcomes = _record_outcomes
+
+
+# A userid containing "sleepy" holds its pool process for SLEEPY_SECONDS while decoding,
+# after writing the process's pid to <tmp>/<userid>.pids: a test can kill a busy process.
+SLEEPY_SECONDS = 4.0
+
+
+def sleepy_pids(userid: str) -> Path:
+    """Where the pids of the processes that decoded ``userid`` are appended."""
+    return Path(tempfile.gettempdir()) / f"{userid}.pids"
+
+
+_prepare_before_sleepy = scoring.prepare
+
+
+def _sleepy_prepare(bundle: Any, item: tuple[str, Path]) -> scoring.Prepared:
+    if "sleepy" in item[0]:
+        with sleepy_pids(item[0]).open("a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(SLEEPY_SECONDS)
+    return _prepare_before_sleepy(bundle, item)
+
+
+scoring.prepare = _sleepy_prepare

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 from billiard.einfo import ExceptionInfo
 from celery.utils.log import get_task_logger
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
@@ -37,7 +38,7 @@ from worker.results import connect, record_deaths
 from worker.settings import settings
 
 log = get_task_logger(__name__)
-pool_log = logging.getLogger(__name__)  # the parent's callbacks run outside any task
+pool_log = logging.getLogger("genderscore.worker")  # the main process, outside any task
 
 
 class ScoreBatches(Batches):  # type: ignore[misc]
@@ -71,7 +72,17 @@ class ScoreBatches(Batches):  # type: ignore[misc]
         return super().Strategy(task, app, consumer)
 
     def flush(self, requests: Collection[Request]) -> Any:
-        """Send the batch to a pool process; ack or requeue each message on its reply."""
+        """Send the batch to a pool process; ack or requeue each message on its reply.
+
+        Once the worker is shutting down, a batch still buffered goes back to the queue
+        instead: the pool takes no new work then, and the batch would wait there until
+        its time limit.
+        """
+        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+            pool_log.info("shutting down: %d buffered messages go back to the queue", len(requests))
+            for req in requests:
+                req.reject(requeue=True)
+            return None
         by_id = {req.id: req for req in requests}
         started = time.monotonic()
         accepted_by: list[int] = []  # the pool process's pid, once it took the batch
