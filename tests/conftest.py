@@ -1,8 +1,9 @@
-"""Session fixtures: a real Redis (a dedicated database and key prefix), a tiny model, a worker.
+"""Session fixtures: a real Redis (a dedicated database and key prefix), RabbitMQ, a tiny
+model, a worker.
 
 The environment is set before ``worker.settings`` is imported, so the test process and
-every worker it starts share one configuration. A Redis that does not answer is a
-failure, not a skip.
+every worker it starts share one configuration. A broker that cannot be reached or
+started is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import redis  # noqa: E402
 
+from tests.brokers import BrokerUnavailable, session_rabbitmq, session_redis  # noqa: E402
 from tests.helpers import celery_worker, make_model_file  # noqa: E402
 
 
@@ -35,17 +38,41 @@ def _delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_client() -> Iterator[redis.Redis]:
-    """The test Redis, cleaned of this session's keys before and after."""
-    client = redis.Redis.from_url(os.environ["GENDERSCORE_REDIS_URL"], decode_responses=True)
+def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    """The test Redis, cleaned of this session's keys before and after.
+
+    Where nothing answers at a local URL, a private server is started on its port for
+    the session (redis-server on the PATH, else the embedded Valkey).
+    """
+    url = os.environ["GENDERSCORE_REDIS_URL"]
+    client = redis.Redis.from_url(url, decode_responses=True)
+    with ExitStack() as stack:
+        try:
+            client.ping()
+        except redis.ConnectionError:
+            try:
+                server = session_redis(url, tmp_path_factory.mktemp("redis"))
+            except BrokerUnavailable as exc:
+                pytest.fail(str(exc))
+            stack.callback(server.stop)
+            client.ping()
+        except redis.RedisError as exc:
+            pytest.fail(f"tests need Redis at {url}: {exc}")
+        prefix = os.environ["GENDERSCORE_KEY_PREFIX"] + ":"
+        _delete_prefix(client, prefix)
+        yield client
+        _delete_prefix(client, prefix)
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An AMQP URL of this session's own virtual host or private node (tests/brokers.py)."""
     try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"tests need Redis at {os.environ['GENDERSCORE_REDIS_URL']}: {exc}")
-    prefix = os.environ["GENDERSCORE_KEY_PREFIX"] + ":"
-    _delete_prefix(client, prefix)
-    yield client
-    _delete_prefix(client, prefix)
+        with session_rabbitmq(tmp_path_factory.mktemp("rabbitmq")) as url:
+            yield url
+    except BrokerUnavailable as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")
