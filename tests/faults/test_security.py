@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.localredis import LocalRedisError, find_server, start_server
+from producer.localredis import LocalRedisError, start_server
 from tests.faults.conftest import FaultEnv, free_port, redis_server
 from tests.helpers import make_pictures, worker_env
 
@@ -107,14 +107,12 @@ def test_redis_over_tls_with_a_password(tmp_path: Path, tiny_model: Path) -> Non
         "--requirepass",
         "tls-secret",
     )
-    binary = find_server()
     try:
-        server = start_server(port, args, workdir=tmp_path / "redis", binary=binary)
+        server = start_server(port, args, workdir=tmp_path / "redis")
     except LocalRedisError as exc:
         pytest.fail(
-            f"Redis over TLS needs a server built with TLS, and {binary.describe()} did not"
-            f" start as one (an embedded Valkey has no TLS): {exc}. Install Debian's"
-            " redis-server (apt-get install redis-server), as .ci/run does."
+            f"this test needs a Redis built with TLS (the embedded Valkey has none): {exc}."
+            " Install Debian's redis-server (apt-get install redis-server), as .ci/run does."
         )
     try:
         url = f"rediss://:tls-secret@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
