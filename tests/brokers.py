@@ -72,6 +72,12 @@ def session_redis(url: str, workdir: Path) -> LocalRedis:
     return server
 
 
+def path_without(program: str) -> str:
+    """This PATH less every folder that holds ``program`` (a machine without it)."""
+    folders = os.environ["PATH"].split(os.pathsep)
+    return os.pathsep.join(f for f in folders if not (Path(f) / program).exists())
+
+
 def amqp_answers(url: str, timeout: float = 3) -> bool:
     """Whether an AMQP broker accepts a connection (handshake and login) at ``url``."""
     conn = kombu.Connection(url, connect_timeout=timeout)

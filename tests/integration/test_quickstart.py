@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,18 +18,12 @@ from pathlib import Path
 import pytest
 
 from producer.localredis import free_port, port_open
+from tests.brokers import path_without
 from tests.helpers import ROOT, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PICTURES = 120
-
-
-def path_without(program: str) -> str:
-    """This PATH less every folder that holds ``program``."""
-    folders = os.environ["PATH"].split(os.pathsep)
-    kept = [f for f in folders if not (Path(f) / program).exists()]
-    return os.pathsep.join(kept)
 
 
 # Runs a command as a child subreaper (Linux prctl): whatever the command started and did
