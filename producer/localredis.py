@@ -10,8 +10,9 @@ machine. The binary is, in this order:
 
 The server runs in the foreground as a child process, bound to the loopback interface,
 with no RDB snapshots unless the caller's arguments ask for persistence. Its output goes
-to a log file in its working folder, and a server that exits before it answers is an
-error quoting the end of that log. The handle stops it (SIGTERM, then SIGKILL).
+to a log file in its working folder. ``start_server`` returns once the server answers
+(its data loaded); a server that exits first is an error quoting the end of its log.
+The handle stops it (SIGTERM, then SIGKILL).
 
 Only the producer and the tests use this module; workers never start servers.
 """
@@ -116,6 +117,19 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def loading(port: int) -> bool:
+    """Whether the server on ``port`` still loads its data (replies ``-LOADING``).
+
+    A plain PING: a TLS-only port answers nothing we can read, which counts as ready.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"-LOADING")
+    except OSError:
+        return False
+
+
 @dataclass
 class LocalRedis:
     """A running private server; ``stop()`` (or leaving the ``with`` block) ends it."""
@@ -171,7 +185,8 @@ def start_server(
     binary: ServerBinary | None = None,
     timeout: float = 10,
 ) -> LocalRedis:
-    """Start a private server on ``port`` (default: a free one) and wait until it listens.
+    """Start a private server on ``port`` (default: a free one); wait until it has loaded
+    its data (an AOF restart) and answers.
 
     It binds 127.0.0.1 (and ::1 where the machine has it), keeps its files in
     ``workdir`` (default: a temporary folder, removed by ``stop``) and saves no
@@ -207,9 +222,9 @@ def start_server(
         )
     server = LocalRedis(binary, port, workdir, log_path, proc, own)
     deadline = time.monotonic() + timeout
-    while not port_open(port):
+    while not (port_open(port) and not loading(port)):
         if proc.poll() is not None or time.monotonic() > deadline:
-            state = "did not listen" if proc.poll() is None else f"exited ({proc.returncode})"
+            state = f"exited ({proc.returncode})" if proc.poll() is not None else "is not ready"
             tail = server.log_tail()
             server.stop(kill=True)
             raise LocalRedisError(f"{binary.describe()} on port {port} {state}: {tail}")

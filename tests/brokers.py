@@ -1,7 +1,7 @@
 """Brokers for the tests: the session Redis, the session RabbitMQ, private RabbitMQ nodes.
 
 Redis: the test Redis is the one at ``GENDERSCORE_TEST_REDIS_URL``; where nothing
-answers on a local URL, ``session_redis`` starts a private server on the URL's port
+listens on a local URL, ``session_redis`` starts a private server on the URL's port
 (``producer.localredis``: ``redis-server`` on the PATH, else the embedded Valkey).
 
 RabbitMQ, in this order:
@@ -59,16 +59,19 @@ class BrokerUnavailable(RuntimeError):
     """No broker answers and none can be started here."""
 
 
-def session_redis(url: str, workdir: Path) -> LocalRedis:
-    """Start a private server on the port of a local, password-less ``url``."""
+def session_redis(url: str, workdir: Path) -> LocalRedis | None:
+    """A private server on the port of a local, credential-less ``url`` where nothing
+    listens; None where something listens or the URL is not such (nothing to start)."""
     parts = urlsplit(url)
-    if parts.hostname not in LOOPBACK_HOSTS or parts.password or parts.scheme != "redis":
-        raise BrokerUnavailable(f"tests need Redis at {url} (not local: not started here)")
+    host, port = parts.hostname or "localhost", parts.port or 6379
+    local = host in LOOPBACK_HOSTS and not (parts.username or parts.password)
+    if not local or parts.scheme != "redis" or port_open(port, host):
+        return None
     try:
-        server = start_server(parts.port or 6379, workdir=workdir)
+        server = start_server(port, workdir=workdir)
     except LocalRedisError as exc:
         raise BrokerUnavailable(f"tests need Redis at {url}: {exc}") from None
-    log.warning("no Redis answered at %s: started %s", url, server.binary.describe())
+    log.warning("no Redis listened at %s: started %s", url, server.binary.describe())
     return server
 
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -37,32 +36,37 @@ def _delete_prefix(client: redis.Redis, prefix: str) -> None:
         client.delete(key)
 
 
-@pytest.fixture(scope="session")
-def redis_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    """The test Redis, cleaned of this session's keys before and after.
-
-    Where nothing answers at a local URL, a private server is started on its port for
-    the session (redis-server on the PATH, else the embedded Valkey).
+@pytest.fixture(scope="session", autouse=True)
+def local_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Where nothing answers at a local test URL, a private server on its port, for the
+    session (redis-server on the PATH, else the embedded Valkey): every test and every
+    process it starts finds Redis at the URL. Yields why none was started, if it failed.
     """
     url = os.environ["GENDERSCORE_REDIS_URL"]
+    try:
+        server = session_redis(url, tmp_path_factory.mktemp("redis"))
+    except BrokerUnavailable as exc:
+        yield str(exc)
+        return
+    yield ""
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_client(local_redis_server: str) -> Iterator[redis.Redis]:
+    """The test Redis, cleaned of this session's keys before and after."""
+    url = os.environ["GENDERSCORE_REDIS_URL"]
     client = redis.Redis.from_url(url, decode_responses=True)
-    with ExitStack() as stack:
-        try:
-            client.ping()
-        except redis.ConnectionError:
-            try:
-                server = session_redis(url, tmp_path_factory.mktemp("redis"))
-            except BrokerUnavailable as exc:
-                pytest.fail(str(exc))
-            stack.callback(server.stop)
-            client.ping()
-        except redis.RedisError as exc:
-            pytest.fail(f"tests need Redis at {url}: {exc}")
-        prefix = os.environ["GENDERSCORE_KEY_PREFIX"] + ":"
-        _delete_prefix(client, prefix)
-        yield client
-        _delete_prefix(client, prefix)
-        client.close()
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(local_redis_server or f"tests need Redis at {url}: {exc}")
+    prefix = os.environ["GENDERSCORE_KEY_PREFIX"] + ":"
+    _delete_prefix(client, prefix)
+    yield client
+    _delete_prefix(client, prefix)
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -113,3 +113,15 @@ def test_demo_command_fails_in_one_line_before_training(tmp_path: Path) -> None:
     assert last.startswith("Error: no Redis answers at localhost:") and "start it" in last
     assert "Traceback" not in proc.stderr and "secret" not in proc.stderr
     assert not (tmp_path / "demo" / "models").exists()  # refused before training
+
+
+def test_start_returns_once_the_data_is_loaded(tmp_path: Path) -> None:
+    keys = 1_000_000  # a dump that takes a moment to load
+    with start_server(args=("--enable-debug-command", "yes"), workdir=tmp_path) as server:
+        client = redis.Redis.from_url(server.url)
+        client.execute_command("DEBUG", "POPULATE", keys)
+        client.save()
+        client.close()
+    with start_server(server.port, workdir=tmp_path) as again:
+        # No retry: a server still loading would answer BusyLoadingError.
+        assert redis.Redis.from_url(again.url).dbsize() == keys
