@@ -1,8 +1,9 @@
 """``genderscore demo``: the whole job end to end on generated pictures (the quickstart).
 
-Makes a labelled sample set, trains a small model on it, starts a local redis-server
-and a scoring worker if none answers (and stops only what it started), scores the
-pictures through the real Celery pipeline, writes the CSV and evaluates it.
+Makes a labelled sample set, trains a small model on it, starts a local Redis
+(``redis-server`` on the PATH, else the embedded Valkey) and a scoring worker if none
+answers (and stops only what it started), scores the pictures through the real Celery
+pipeline, writes the CSV and evaluates it.
 Like the CLI, this module composes the packages: it is the one place besides
 ``producer.cli`` that uses ``training``.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from producer.localredis import LOOPBACK_HOSTS, LocalRedisError, start_server
 from worker.settings import settings
 
 log = logging.getLogger(__name__)
@@ -48,42 +49,40 @@ def _reachable(url: str) -> bool:
 
 @contextmanager
 def ensure_redis(url: str, workdir: Path) -> Iterator[None]:
-    """Use the Redis at ``url``, or start a local redis-server there for the block."""
+    """Use the Redis at ``url``; if none answers there and it is local, start one for the block.
+
+    The private server listens on the URL's own port, so the URL (and every process
+    that reads it, the worker included) stays as it is: ``redis-server`` on the PATH,
+    else the embedded Valkey (``producer.localredis``).
+    """
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or 6379}"
     if _reachable(url):
+        log.info("using the Redis that answers at %s", where)
         yield
         return
-    parts = urlsplit(url)
-    if parts.hostname not in ("localhost", "127.0.0.1", "::1") or parts.password:
-        raise RuntimeError(f"no Redis answers at {parts.hostname}:{parts.port}: start it first")
-    server = shutil.which("redis-server")
-    if server is None:
-        raise RuntimeError("no Redis answers and redis-server is not installed")
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = str(parts.port or 6379)
-    log.info("starting redis-server on port %s (stopped at the end)", port)
-    proc = subprocess.Popen(
-        [
-            server,
-            "--port",
-            port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    if parts.hostname not in LOOPBACK_HOSTS or parts.username or parts.password:
+        raise RuntimeError(
+            f"no Redis answers at {where} (GENDERSCORE_REDIS_URL): start it; the demo starts"
+            " one itself only for a local URL without credentials (redis://localhost:6379/0)"
+        )
+    if parts.scheme != "redis":
+        raise RuntimeError(f"no Redis answers at {where}: the demo starts no TLS server")
+    try:
+        server = start_server(parts.port or 6379, workdir=workdir)
+    except LocalRedisError as exc:
+        raise RuntimeError(
+            f"no Redis answers at {where} and none could be started: {exc}"
+        ) from None
+    log.info(
+        "no Redis answered at %s: started %s (stopped at the end)", where, server.binary.describe()
     )
     try:
-        _wait(lambda: _reachable(url), 10, "redis-server did not start")
+        _wait(lambda: _reachable(url), 10, f"the Redis started on {where} does not answer")
         yield
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
+        log.info("stopped the Redis on %s", where)
 
 
 def _live_workers() -> list[str]:
@@ -156,21 +155,22 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
     from worker.model import check_model_file
     from worker.results import connect
 
-    images, profile = make_sample(workdir / "data", count)
-    log.info("sample: %d pictures in %s, labels in %s", count, images, profile)
-    model = workdir / "models" / "demo.h5"
-    trained = train(
-        images,
-        profile,
-        out=model,
-        epochs=epochs,
-        image_size=64,
-        patience=3,
-        progress=lambda epoch, metrics: log.info("epoch %d: %s", epoch, metrics),
-    )
-    log.info("%s", trained.summary())
     with ExitStack() as stack:
+        # Redis first: a URL where nothing answers fails before minutes of training.
         stack.enter_context(ensure_redis(settings.redis_url, workdir / "redis"))
+        images, profile = make_sample(workdir / "data", count)
+        log.info("sample: %d pictures in %s, labels in %s", count, images, profile)
+        model = workdir / "models" / "demo.h5"
+        trained = train(
+            images,
+            profile,
+            out=model,
+            epochs=epochs,
+            image_size=64,
+            patience=3,
+            progress=lambda epoch, metrics: log.info("epoch %d: %s", epoch, metrics),
+        )
+        log.info("%s", trained.summary())
         stack.enter_context(ensure_worker(model, workdir / "worker.log"))
         client = connect()
         scan = scan_pictures(images)

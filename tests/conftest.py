@@ -1,8 +1,9 @@
-"""Session fixtures: a real Redis (a dedicated database and key prefix), a tiny model, a worker.
+"""Session fixtures: a real Redis (a dedicated database and key prefix), RabbitMQ, a tiny
+model, a worker.
 
 The environment is set before ``worker.settings`` is imported, so the test process and
-every worker it starts share one configuration. A Redis that does not answer is a
-failure, not a skip.
+every worker it starts share one configuration. A broker that cannot be reached or
+started is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import redis  # noqa: E402
 
+from tests.brokers import BrokerUnavailable, session_rabbitmq, session_redis  # noqa: E402
 from tests.helpers import celery_worker, make_model_file  # noqa: E402
 
 
@@ -34,18 +36,47 @@ def _delete_prefix(client: redis.Redis, prefix: str) -> None:
         client.delete(key)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def local_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Where nothing answers at a local test URL, a private server on its port, for the
+    session (redis-server on the PATH, else the embedded Valkey): every test and every
+    process it starts finds Redis at the URL. Yields why none was started, if it failed.
+    """
+    url = os.environ["GENDERSCORE_REDIS_URL"]
+    try:
+        server = session_redis(url, tmp_path_factory.mktemp("redis"))
+    except BrokerUnavailable as exc:
+        yield str(exc)
+        return
+    yield ""
+    if server is not None:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
-def redis_client() -> Iterator[redis.Redis]:
+def redis_client(local_redis_server: str) -> Iterator[redis.Redis]:
     """The test Redis, cleaned of this session's keys before and after."""
-    client = redis.Redis.from_url(os.environ["GENDERSCORE_REDIS_URL"], decode_responses=True)
+    url = os.environ["GENDERSCORE_REDIS_URL"]
+    client = redis.Redis.from_url(url, decode_responses=True)
     try:
         client.ping()
     except redis.RedisError as exc:
-        pytest.fail(f"tests need Redis at {os.environ['GENDERSCORE_REDIS_URL']}: {exc}")
+        pytest.fail(local_redis_server or f"tests need Redis at {url}: {exc}")
     prefix = os.environ["GENDERSCORE_KEY_PREFIX"] + ":"
     _delete_prefix(client, prefix)
     yield client
     _delete_prefix(client, prefix)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An AMQP URL of this session's own virtual host or private node (tests/brokers.py)."""
+    try:
+        with session_rabbitmq(tmp_path_factory.mktemp("rabbitmq")) as url:
+            yield url
+    except BrokerUnavailable as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

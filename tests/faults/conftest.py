@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,47 +17,24 @@ from unittest import mock
 import pytest
 import redis
 
+from producer.localredis import free_port as free_port  # re-exported for the fault tests
+from producer.localredis import start_server
 from tests.helpers import ROOT, celery_worker, worker_env
 from worker.keys import RunKeys, run_keys
 from worker.settings import settings
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
 def redis_server(
     workdir: Path, port: int | None = None, *args: str
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """A private redis-server on another port (AOF, auth, maxmemory... via ``args``)."""
-    port = port or free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(workdir),
-            *args,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_port(port)
+    """A private server on another port (AOF, auth, maxmemory... via ``args``): redis-server
+    on the PATH, else the embedded Valkey (``producer.localredis``); killed at the end."""
+    server = start_server(port, args, workdir=workdir)
     try:
-        yield port, proc
+        yield server.port, server.proc
     finally:
-        proc.kill()
-        proc.wait(10)
+        server.stop(kill=True)
 
 
 def wait_port(port: int, timeout: float = 10) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import FaultEnv, free_port, redis_server, wait_port
+from producer.localredis import LocalRedisError, start_server
+from tests.faults.conftest import FaultEnv, free_port, redis_server
 from tests.helpers import make_pictures, worker_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
@@ -106,19 +107,19 @@ def test_redis_over_tls_with_a_password(tmp_path: Path, tiny_model: Path) -> Non
         "--requirepass",
         "tls-secret",
     )
-    proc = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--save", "", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        wait_port(port)
+        server = start_server(port, args, workdir=tmp_path / "redis")
+    except LocalRedisError as exc:
+        pytest.fail(
+            f"this test needs a Redis built with TLS (the embedded Valkey has none): {exc}."
+            " Install Debian's redis-server (apt-get install redis-server), as .ci/run does."
+        )
+    try:
         url = f"rediss://:tls-secret@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
         world = FaultEnv(tmp_path, url, tiny_model)
         _score_end_to_end(world, folder, tmp_path / "out.csv")
     finally:
-        proc.kill()
-        proc.wait(10)
+        server.stop(kill=True)
 
 
 def test_worker_refuses_to_start_with_a_tampered_model(
