@@ -17,8 +17,9 @@ from unittest import mock
 import pytest
 import redis
 
+from producer.localredis import LocalRedis, start_server
 from producer.localredis import free_port as free_port  # re-exported for the fault tests
-from producer.localredis import start_server
+from tests.brokers import RabbitNode
 from tests.helpers import ROOT, celery_worker, worker_env
 from worker.keys import RunKeys, run_keys
 from worker.settings import settings
@@ -189,3 +190,62 @@ def world(tmp_path: Path, tiny_model: Path, redis_client: redis.Redis) -> Iterat
     env = FaultEnv(tmp_path, os.environ["GENDERSCORE_REDIS_URL"], tiny_model)
     yield env
     env.cleanup()
+
+
+AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
+
+
+class BrokerWorld(FaultEnv):
+    """A fault-test world on either broker, with a broker of its own to restart.
+
+    ``redis``: one private Redis with AOF is the broker and the results store (a broker
+    restart restarts both, its data kept). ``rabbitmq``: a private RabbitMQ node is the
+    broker, the session Redis keeps the results.
+    """
+
+    def __init__(self, tmp_path: Path, model: Path, broker: str) -> None:
+        self.broker = broker
+        self.node: RabbitNode | None = None
+        self.redis: LocalRedis | None = None
+        if broker == "redis":
+            self.redis = start_server(None, AOF, workdir=tmp_path / "redis")
+            super().__init__(tmp_path, self.redis.url, model)
+        else:
+            self.node = RabbitNode(tmp_path / "rabbitmq")
+            self.node.start()
+            super().__init__(tmp_path, os.environ["GENDERSCORE_REDIS_URL"], model)
+            self.env["GENDERSCORE_BROKER_URL"] = self.node.url
+
+    def restart_broker(self, down_for: float = 0) -> None:
+        """Stop the broker cleanly (data kept), wait ``down_for`` seconds, start it again."""
+        if self.node is not None:
+            self.node.stop()
+            time.sleep(down_for)
+            self.node.start()
+            return
+        assert self.redis is not None
+        port, workdir = self.redis.port, self.redis.workdir
+        self.client.shutdown()  # a clean stop: the AOF is flushed
+        self.redis.proc.wait(10)
+        time.sleep(down_for)
+        self.redis = start_server(port, AOF, workdir=workdir)
+
+    def close(self) -> None:
+        """Stop this world's broker and delete its keys."""
+        self.cleanup()
+        if self.node is not None:
+            self.node.stop(kill=True)
+        if self.redis is not None:
+            self.redis.stop(kill=True)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_world(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_model: Path, redis_client: redis.Redis
+) -> Iterator[BrokerWorld]:
+    """A fault-test world, once with Redis and once with RabbitMQ as broker."""
+    world = BrokerWorld(tmp_path, tiny_model, request.param)
+    try:
+        yield world
+    finally:
+        world.close()
