@@ -146,7 +146,9 @@ def prefix_filesystem(source: PrefixSource) -> tuple[Any, str]:
     import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(source.url, use_listings_cache=False)
+        fs, path = fsspec.core.url_to_fs(
+            source.url, use_listings_cache=False, skip_instance_cache=True
+        )
     except (ImportError, ValueError) as exc:
         raise SourceError(f"{redact_url(source.url)}: no filesystem for it ({exc})") from None
     return fs, path

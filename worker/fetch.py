@@ -77,6 +77,13 @@ from worker.sources import (
 
 log = logging.getLogger(__name__)
 
+# At DEBUG these libraries log request lines with their query strings (a presigned
+# URL's signature) and signed headers (an access key id): capped at INFO unless an
+# operator set their level on purpose.
+for _name in ("urllib3.connectionpool", "botocore", "aiobotocore", "s3fs"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.INFO)
+
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUS = frozenset({408, 425, 429})
 USER_AGENT = "genderscore-fetch/1"
@@ -290,7 +297,7 @@ class Fetcher:
                         check_url(target, web_schemes, None, p.blocked)
                     except SourceError as exc:
                         raise PictureError(
-                            "blocked_url", f"{redact_url(current)} redirects to {exc}"
+                            "blocked_url", f"{redact_url(current)}: refused redirect: {exc}"
                         ) from None
                     if target in seen:
                         raise PictureError("fetch_failed", f"redirect loop at {redact_url(target)}")
@@ -527,11 +534,16 @@ def _open_filesystem(protocol: str, policy: FetchPolicy) -> Any:
             retries={"mode": "standard", "total_max_attempts": 1},
             max_pool_connections=max(10, policy.concurrency),
         )
-        kwargs = {"config_kwargs": configured, "retries": 1}
+        kwargs = {"config_kwargs": configured}
     try:
-        return fsspec.filesystem(protocol, use_listings_cache=False, **kwargs)
+        fs = fsspec.filesystem(
+            protocol, use_listings_cache=False, skip_instance_cache=True, **kwargs
+        )
     except (ImportError, ValueError) as exc:
         raise PictureError("fetch_failed", f"no filesystem for {protocol}:// ({exc})") from None
+    if protocol in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own retry loop (a class attribute): ours is the only one
+    return fs
 
 
 # --- guarded http connections ------------------------------------------------------------
