@@ -165,11 +165,18 @@ def weed_command(workdir: Path, host: str, ports: list[int]) -> list[str]:
 
 
 @contextmanager
-def s3_store(host: str = "127.0.0.1", prefix_cmd: tuple[str, ...] = ()) -> Iterator[S3Store]:
-    """A fresh SeaweedFS S3 store on ``host`` (``prefix_cmd``: e.g. ``ip netns exec NS``)."""
-    workdir = Path(tempfile.mkdtemp(prefix="genderscore-s3-"))
+def s3_store(
+    host: str = "127.0.0.1", prefix_cmd: tuple[str, ...] = (), keep: Path | None = None
+) -> Iterator[S3Store]:
+    """A SeaweedFS S3 store on ``host`` (``prefix_cmd``: e.g. ``ip netns exec NS``).
+
+    Fresh and removed afterwards, unless ``keep`` names a folder whose data it reuses
+    and keeps (the benchmark's 100,000 objects take minutes to upload).
+    """
+    workdir = keep or Path(tempfile.mkdtemp(prefix="genderscore-s3-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     _s3_config(workdir / "s3.json")
-    (workdir / "data").mkdir()
+    (workdir / "data").mkdir(exist_ok=True)
     log = (workdir / "weed.log").open("ab")
     try:
         for attempt in range(3):  # a port taken between choosing and binding: choose again
@@ -194,7 +201,8 @@ def s3_store(host: str = "127.0.0.1", prefix_cmd: tuple[str, ...] = ()) -> Itera
         with suppress(UnboundLocalError):
             _stop(proc)
         log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _wait_s3(store: S3Store, timeout: float = 60) -> None:

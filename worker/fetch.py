@@ -129,7 +129,6 @@ class FetchPolicy:
     concurrency: int
     max_bytes: int
     max_redirects: int
-    extensions: tuple[str, ...]
     schemes: tuple[str, ...]
     file_root: Path | None
     blocked: tuple[str, ...]
@@ -145,7 +144,6 @@ class FetchPolicy:
             concurrency=s.fetch_concurrency,
             max_bytes=s.max_image_bytes,
             max_redirects=s.fetch_max_redirects,
-            extensions=tuple(s.picture_extensions),
             schemes=tuple(s.url_schemes),
             file_root=s.file_url_root,
             blocked=tuple(s.fetch_blocked_networks),
@@ -194,14 +192,14 @@ class Fetcher:
     def _reader(self, source: Source, ref: PictureRef) -> Callable[[], bytes]:
         p = self.policy
         try:
-            check_ref(source, ref, p.extensions, p.schemes, p.file_root, p.blocked)
+            check_ref(source, ref, p.schemes, p.file_root, p.blocked)
         except SourceError as exc:
             kind = "blocked_url" if isinstance(source, ManifestSource) else "invalid_reference"
             raise PictureError(kind, str(exc)) from None
         if isinstance(source, FolderSource):
             return lambda: self._read_folder(source, ref)
         if isinstance(source, PrefixSource):
-            url = source.url_of(ref.name, p.extensions)
+            url = source.url_of(ref.name)
             return lambda: self._read_fsspec(url, ref.size)
         url = ref.name
         scheme = url_scheme(url)
@@ -215,7 +213,7 @@ class Fetcher:
 
     def _read_folder(self, source: FolderSource, ref: PictureRef) -> bytes:
         try:
-            path = source.path_of(ref.name, self.policy.extensions)
+            path = source.path_of(ref.name)
         except SourceError as exc:
             raise PictureError("invalid_reference", str(exc)) from None
         return load_picture(path, self.policy.max_bytes)

@@ -61,7 +61,7 @@ class FolderSource:
         """What the run records: ``folder:/abs/path``."""
         return f"folder:{self.root}"
 
-    def path_of(self, name: str, extensions: Sequence[str]) -> Path:
+    def path_of(self, name: str, extensions: Sequence[str] | None = None) -> Path:
         """The file of picture ``name``, refusing a name or a link that leaves the folder."""
         check_name(name, extensions)
         path = self.root / name
@@ -88,7 +88,7 @@ class PrefixSource:
         """What the run records: ``prefix:<url>``."""
         return f"prefix:{self.url}"
 
-    def url_of(self, name: str, extensions: Sequence[str]) -> str:
+    def url_of(self, name: str, extensions: Sequence[str] | None = None) -> str:
         """The URL of object ``name`` under the prefix."""
         check_name(name, extensions)
         return self.url + name
@@ -194,14 +194,19 @@ class PictureRef:
         return cls(userid, name, size, version)
 
 
-def check_name(name: str, extensions: Sequence[str]) -> str:
-    """The userid of picture file ``name`` (``<userid>.<ext>``), or SourceError."""
+def check_name(name: str, extensions: Sequence[str] | None) -> str:
+    """The userid of picture file ``name`` (``<userid>.<ext>``), or SourceError.
+
+    ``extensions=None`` accepts any extension of 1-10 letters or digits: a worker checks
+    that a name cannot leave its source, while which extensions are pictures is the
+    producer's listing rule (a worker with other settings must not refuse a run).
+    """
     match = NAME_RE.fullmatch(name)
     if match is None:
         raise SourceError(
             f"{name[:80]!r} is not <userid>.<ext> with a userid of [A-Za-z0-9_-]{{1,64}}"
         )
-    if "." + match["ext"].lower() not in extensions:
+    if extensions is not None and "." + match["ext"].lower() not in extensions:
         raise SourceError(f"{name}: not a picture extension ({' '.join(extensions)})")
     return match["stem"]
 
@@ -209,7 +214,6 @@ def check_name(name: str, extensions: Sequence[str]) -> str:
 def check_ref(
     source: Source,
     ref: PictureRef,
-    extensions: Sequence[str],
     schemes: Sequence[str],
     file_root: Path | None,
     blocked: Sequence[str],
@@ -218,7 +222,7 @@ def check_ref(
     if isinstance(source, ManifestSource):
         check_url(ref.name, schemes, file_root, blocked)
         return
-    if check_name(ref.name, extensions) != ref.userid:
+    if check_name(ref.name, None) != ref.userid:
         raise SourceError(f"picture {ref.name!r} is not the picture of userid {ref.userid}")
 
 

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-from producer.sources import list_source
+from producer.sources import list_source, only_new_pictures
 from tests.helpers import ROOT, jpeg_bytes, picture
 from tests.servers import (  # noqa: F401 - fixtures
     LISTER_KEY,
@@ -34,6 +35,7 @@ from tests.servers import (  # noqa: F401 - fixtures
     wait_port,
 )
 from worker.fetch import Fetcher, FetchPolicy, Unavailable
+from worker.keys import scored_index
 from worker.preprocess import PictureError, preprocess
 from worker.sources import (
     FolderSource,
@@ -167,6 +169,31 @@ def test_prefix_listing_failures_are_clear(
     with pytest.raises(SourceError, match="access denied") as caught:
         list_source(PrefixSource(f"s3://{bucket}/profiles/image/"), EXTS)
     assert READER_KEY not in str(caught.value) and READER_SECRET not in str(caught.value)
+
+
+def test_only_new_compares_listing_tokens_without_downloading(
+    aws_env: S3Store,
+    bucket: str,
+    jpegs: dict[str, bytes],
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = PrefixSource(f"s3://{bucket}/profiles/image/")
+    sha = "only-new-test-model"
+    listing = list_source(source, EXTS)
+    new, unchanged = only_new_pictures(redis_client, sha, listing.pictures)
+    assert (len(new), unchanged) == (len(listing.pictures), 0)
+    # What the worker stores with each prediction: the token its message carried.
+    redis_client.hset(scored_index(sha), mapping={p.userid: p.version for p in listing.pictures})
+    aws_env.filesystem().pipe(f"{bucket}/profiles/image/u3.png", jpegs["u4"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", LISTER_KEY)  # listing rights only: no download
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", LISTER_SECRET)
+    relisted = list_source(source, EXTS).pictures
+    new, unchanged = only_new_pictures(redis_client, sha, relisted)
+    assert [p.userid for p in new] == ["u3"] and unchanged == len(relisted) - 1
+    untokened = [PictureRef("u0", "https://host/u0.jpg")]  # a manifest line: always new
+    assert only_new_pictures(redis_client, sha, untokened) == (untokened, 0)
+    aws_env.filesystem().pipe(f"{bucket}/profiles/image/u3.png", jpegs["u3"])
 
 
 # --- fetching from the object store ----------------------------------------------------------

@@ -87,9 +87,12 @@ def test_names_must_be_the_userids_picture() -> None:
         with pytest.raises(SourceError):
             check_name(bad, EXTS)
     prefix = PrefixSource("s3://b/p/")
-    check_ref(prefix, PictureRef("u1", "u1.png"), EXTS, SCHEMES, None, BLOCKED)
+    check_ref(prefix, PictureRef("u1", "u1.png"), SCHEMES, None, BLOCKED)
+    check_ref(prefix, PictureRef("u1", "u1.gif"), SCHEMES, None, BLOCKED)  # the listing's rule
     with pytest.raises(SourceError, match="not the picture of userid u2"):
-        check_ref(prefix, PictureRef("u2", "u1.png"), EXTS, SCHEMES, None, BLOCKED)
+        check_ref(prefix, PictureRef("u2", "u1.png"), SCHEMES, None, BLOCKED)
+    with pytest.raises(SourceError):
+        check_ref(prefix, PictureRef("u1", "../u1.png"), SCHEMES, None, BLOCKED)
 
 
 # --- URL policy ----------------------------------------------------------------------------
