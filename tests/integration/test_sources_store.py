@@ -302,6 +302,20 @@ def test_a_store_that_hangs_or_is_down_means_requeue(
     assert "(2 attempts)" in str(down)
 
 
+def test_a_host_without_credentials_hands_pictures_back(
+    aws_env: S3Store, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    source = PrefixSource(f"s3://{bucket}/profiles/image/")
+    result = _fetch(Fetcher(make_policy()), source, PictureRef("u0", "u0.jpg"))
+    # Not the picture's fault: another host, with credentials, will score it.
+    assert isinstance(result, Unavailable) and result.kind == "misconfigured", result
+
+
 # --- fetching URLs ------------------------------------------------------------------------------
 
 
@@ -354,6 +368,11 @@ def test_each_url_failure_has_its_kind(served: HttpPictures, jpegs: dict[str, by
     assert stats.get("endless_bytes", 0) < 64 * 1024**2  # read stopped at the limit
     assert stats["flaky:once"] == 2 and stats["status"] == 4 + 2 * 2  # 503, 429: twice
     fetcher.close()
+
+
+def test_a_url_host_that_refuses_connections_is_retried_then_handed_back() -> None:
+    url = f"http://127.0.0.1:{free_ports(1)[0]}/u0.jpg"
+    assert _url_kind(Fetcher(make_policy()), url) == "Unavailable:unreachable"
 
 
 def test_an_html_page_named_jpg_is_not_an_image(served: HttpPictures) -> None:
