@@ -126,8 +126,19 @@ def delay_proxy(store: S3Store, delay_ms: float) -> Iterator[str]:
         proc.wait(10)
 
 
-def _fetch_and_prepare(source: object, refs: list[PictureRef], policy: FetchPolicy) -> float:
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fetch_and_prepare(
+    source: object, refs: list[PictureRef], policy: FetchPolicy, store: S3Store
+) -> tuple[float, float, float]:
+    """Pictures/s, this process's CPU ms and the store's CPU ms per picture."""
     fetcher = Fetcher(policy)
+    assert store.proc is not None
+    store_cpu, own_cpu = _process_cpu(store.proc.pid), time.process_time()
     started = time.perf_counter()
     done = 0
     for _, data in fetcher.fetch_all(source, refs):  # type: ignore[arg-type]
@@ -139,9 +150,11 @@ def _fetch_and_prepare(source: object, refs: list[PictureRef], policy: FetchPoli
             raise RuntimeError(f"decode failed: {exc}") from None
         done += 1
     elapsed = time.perf_counter() - started
+    own = (time.process_time() - own_cpu) * 1000 / done
+    served = (_process_cpu(store.proc.pid) - store_cpu) * 1000 / done
     fetcher.close()
     assert done == len(refs)
-    return len(refs) / elapsed
+    return len(refs) / elapsed, own, served
 
 
 def bench_fetch(pictures: int, delay_ms: float, concurrency: int) -> None:
@@ -161,21 +174,23 @@ def bench_fetch(pictures: int, delay_ms: float, concurrency: int) -> None:
                [f"{BUCKET}/image/{r.name}" for r in refs])
         prefix = PrefixSource(f"s3://{BUCKET}/image/")
         s3_refs = list_source(prefix, (".jpg",)).pictures
-        rates: dict[str, float] = {}
+        rates: dict[str, tuple[float, float, float]] = {}
         for workers in (concurrency, 1):
             policy = dataclasses.replace(base, concurrency=workers)
-            rates[f"folder c={workers}"] = _fetch_and_prepare(folder, refs, policy)
-            rates[f"s3 c={workers}"] = _fetch_and_prepare(prefix, s3_refs, policy)
+            rates[f"folder c={workers}"] = _fetch_and_prepare(folder, refs, policy, store)
+            rates[f"s3 c={workers}"] = _fetch_and_prepare(prefix, s3_refs, policy, store)
             with delay_proxy(store, delay_ms) as endpoint:
                 os.environ["AWS_ENDPOINT_URL"] = endpoint
                 rates[f"s3+{delay_ms:g}ms c={workers}"] = _fetch_and_prepare(
-                    prefix, s3_refs, policy)
+                    prefix, s3_refs, policy, store)
                 os.environ["AWS_ENDPOINT_URL"] = store.endpoint
+        print("(fetch + preprocess only; CPU: this process and the S3 server, per picture)")
         for workers in (concurrency, 1):
-            ref_rate = rates[f"folder c={workers}"]
-            for label, rate in rates.items():
+            ref_rate = rates[f"folder c={workers}"][0]
+            for label, (rate, own, served) in rates.items():
                 if label.endswith(f"c={workers}"):
-                    print(f"{label:22s} {rate:8.1f} pictures/s   {rate / ref_rate:.2f}x folder")
+                    print(f"{label:22s} {rate:8.1f} pictures/s   {rate / ref_rate:.2f}x folder   "
+                          f"cpu {own:.2f} ms + store {served:.2f} ms")
 
 
 def main() -> None:
