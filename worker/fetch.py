@@ -75,6 +75,7 @@ from worker.sources import (
     check_url,
     is_blocked,
     redact_url,
+    split_picture,
     url_scheme,
 )
 
@@ -429,9 +430,30 @@ class Fetcher:
         self, source: Source, refs: Iterable[PictureRef]
     ) -> Iterator[tuple[PictureRef, Fetched]]:
         """Fetch ``refs`` concurrently; yield each with its bytes or error, in order."""
+        for (_, ref), result in self._fetch_pairs((source, ref) for ref in refs):
+            yield ref, result
+
+    def fetch_pictures(
+        self, items: Sequence[tuple[str, str]]
+    ) -> Iterator[tuple[str, str, Fetched]]:
+        """``fetch_all`` for ``(userid, picture)`` pairs, a picture being one string: an
+        absolute path or a URL (``worker.sources.split_picture``). Yields
+        ``(userid, picture, bytes | PictureError | Unavailable)`` in order."""
+        pairs: list[tuple[Source, PictureRef]] = []
+        for userid, picture in items:
+            source, name = split_picture(picture)
+            pairs.append((source, PictureRef(userid, name)))
+        results = self._fetch_pairs(pairs)
+        for (userid, picture), (_, result) in zip(items, results, strict=True):
+            yield userid, picture, result
+
+    def _fetch_pairs(
+        self, pairs: Iterable[tuple[Source, PictureRef]]
+    ) -> Iterator[tuple[tuple[Source, PictureRef], Fetched]]:
         down: dict[str, Unavailable] = {}
 
-        def one(ref: PictureRef) -> Fetched:
+        def one(pair: tuple[Source, PictureRef]) -> Fetched:
+            source, ref = pair
             store = store_of(source, ref)
             if store in down:
                 first = down[store]
@@ -444,20 +466,20 @@ class Fetcher:
                 down.setdefault(store, exc)
                 return exc
 
-        pending: deque[tuple[PictureRef, Future[Fetched]]] = deque()
-        todo = iter(refs)
+        pending: deque[tuple[tuple[Source, PictureRef], Future[Fetched]]] = deque()
+        todo = iter(pairs)
         try:
-            for ref in todo:
-                pending.append((ref, self._pool.submit(one, ref)))
+            for pair in todo:
+                pending.append((pair, self._pool.submit(one, pair)))
                 if len(pending) >= self.policy.concurrency:
                     break
             while pending:
-                ref, future = pending.popleft()
+                pair, future = pending.popleft()
                 result = future.result()
                 following = next(todo, None)
                 if following is not None:
                     pending.append((following, self._pool.submit(one, following)))
-                yield ref, result
+                yield pair, result
         finally:
             for _, future in pending:
                 future.cancel()

@@ -194,6 +194,18 @@ class PictureRef:
         return cls(userid, name, size, version)
 
 
+def split_picture(picture: str) -> tuple[FolderSource | ManifestSource, str]:
+    """A message's picture as one string (an absolute path or a URL): source and name.
+
+    An absolute path is a file of a folder source; a URL (a prefix's object or a
+    manifest's line alike) is fetched as a manifest URL is, under the URL policy.
+    """
+    if picture.startswith("/"):
+        path = Path(picture)
+        return FolderSource(path.parent), path.name
+    return ManifestSource("urls"), picture
+
+
 def check_name(name: str, extensions: Sequence[str] | None) -> str:
     """The userid of picture file ``name`` (``<userid>.<ext>``), or SourceError.
 

@@ -463,3 +463,20 @@ def test_folder_sources_read_through_the_same_fetcher(
     assert isinstance(missing, PictureError) and missing.kind == "missing"
     wrong = _fetch(fetcher, source, PictureRef("u1", "../u1.jpg"))
     assert isinstance(wrong, PictureError) and wrong.kind == "invalid_reference"
+
+
+def test_pictures_as_one_string_each_path_or_url(
+    aws_env: S3Store, bucket: str, served: HttpPictures, tmp_path: Path, jpegs: dict[str, bytes]
+) -> None:
+    (tmp_path / "u0.jpg").write_bytes(jpegs["u0"])
+    items = [
+        ("u0", str(tmp_path / "u0.jpg")),
+        ("u1", f"s3://{bucket}/profiles/image/u1.JPG"),
+        ("u2", served.url("/pics/u2.jpg")),
+        ("u3", "relative/u3.jpg"),
+        ("u4", str(tmp_path / "u5.jpg")),
+    ]
+    results = list(Fetcher(make_policy()).fetch_pictures(items))
+    assert [(u, p) for u, p, _ in results] == items
+    got = [r if isinstance(r, bytes) else getattr(r, "kind", r) for _, _, r in results]
+    assert got == [jpegs["u0"], jpegs["u1"], jpegs["u2"], "blocked_url", "invalid_reference"]
