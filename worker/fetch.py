@@ -62,6 +62,7 @@ from urllib3.exceptions import ProtocolError, SSLError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from worker.preprocess import PictureError, load_picture
+from worker.s3 import s3_client, split_s3_url
 from worker.settings import Settings, settings
 from worker.sources import (
     FolderSource,
@@ -241,7 +242,11 @@ class Fetcher:
     def _s3_client(self) -> Any:
         with self._lock:
             if self._s3 is None:
-                self._s3 = _s3_signing_client()
+                # It only signs: each picture is one presigned GET sent with urllib3.
+                # Measured on this project's 2-core machine (bench/sources.py),
+                # aiobotocore through s3fs spent 2.5 ms of CPU per picture, a presign and
+                # a urllib3 GET 0.8 ms; the decoder and the model share those cores.
+                self._s3 = s3_client(self.policy.timeout)
             return self._s3
 
     def _read_s3(self, url: str, size: int | None) -> bytes:
@@ -249,7 +254,7 @@ class Fetcher:
         limit = self.policy.max_bytes
         if size is not None and size > limit:  # the listing's size: no request at all
             raise PictureError("too_large", f"{shown}: {size} bytes is over the {limit}-byte limit")
-        bucket, _, key = url.split("://", 1)[1].partition("/")
+        bucket, key = split_s3_url(url)
         try:
             signed = self._s3_client().generate_presigned_url(
                 "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=900
@@ -586,22 +591,6 @@ def _is_connection_error(err: BaseException) -> bool:
     if module.startswith("aiohttp"):  # ClientConnectorError, ServerDisconnectedError, ...
         return "Connect" in name or "Disconnected" in name or "Payload" in name
     return False
-
-
-def _s3_signing_client() -> Any:
-    """A botocore S3 client of the standard chain (AWS_* variables, profiles, roles).
-
-    It only signs: each picture is one presigned GET sent with urllib3. Measured on this
-    project's 2-core machine (bench/sources.py), aiobotocore through s3fs spent 2.5 ms of
-    CPU per picture, a presign plus a urllib3 GET 0.8 ms; the decoder and the model
-    share those cores. The presigned URL never leaves the process (``redact_url``).
-    """
-    import botocore.config
-    import botocore.session
-
-    session = botocore.session.get_session()
-    config = botocore.config.Config(signature_version="s3v4")
-    return session.create_client("s3", config=config)
 
 
 def _open_filesystem(protocol: str, policy: FetchPolicy) -> Any:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.sources import list_source, only_new_pictures
+from producer.sources import _fsspec_entries, list_source, only_new_pictures, select_pictures
 from tests.helpers import ROOT, jpeg_bytes, picture
 from tests.servers import (  # noqa: F401 - fixtures
     LISTER_KEY,
@@ -92,6 +92,10 @@ def bucket(s3_server: S3Store, jpegs: dict[str, bytes]) -> str:  # noqa: F811
         "big.jpg": b"\xff\xd8\xff" + b"\0" * 300_000,
         "empty.jpg": b"",
         "page.jpg": b"<!doctype html><html><body>hello</body></html>",
+        ".hidden.jpg": b"x",
+        "~tilde.jpg": b"x",
+        "\u00e9t\u00e9.jpg": b"x",
+        "Zz.jpg": jpegs["u0"],
     }
     fs.pipe({f"{BUCKET}/profiles/image/{name}": data for name, data in files.items()})
     return BUCKET
@@ -139,9 +143,14 @@ def test_prefix_listing_has_the_folder_rules_and_store_tokens(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", LISTER_SECRET)
     source = parse_source(f"s3://{bucket}/profiles/image", ("s3",))
     listing = list_source(source, EXTS)
-    assert listing.userids == ["big", "empty", "page", "u0", "u1", "u2", "u3", "u4"]
+    assert listing.userids == ["Zz", "big", "empty", "page", "u0", "u1", "u2", "u3", "u4"]
     reasons = dict(listing.skipped)
     assert reasons["nested"] == "not a regular file"
+    for odd in (".hidden.jpg", "~tilde.jpg", "\u00e9t\u00e9.jpg"):
+        assert reasons[odd].startswith("not a valid userid"), odd
+    # The ranges listed side by side find what one plain listing (fsspec's) finds.
+    plain = select_pictures(source, _fsspec_entries(source), EXTS)  # type: ignore[arg-type]
+    assert (plain.pictures, plain.skipped) == (listing.pictures, listing.skipped)
     assert "u5 has 2 pictures" in reasons["u5.jpg"]
     assert reasons["notes.txt"].startswith("not a picture")
     assert reasons["bad id.jpg"].startswith("not a valid userid")

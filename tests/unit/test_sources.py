@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from producer.manifest import ManifestError, read_manifest
-from producer.sources import Entry, select_pictures, version_token
+from producer.sources import Entry, s3_partitions, select_pictures, version_token
 from worker.settings import Settings
 from worker.sources import (
     FolderSource,
@@ -201,6 +201,52 @@ def test_version_tokens_come_from_the_listing_entry() -> None:
     assert version_token({"mtime": 1700000000.5, "size": 3}) == "m:1700000000.5:3"
     assert version_token({"LastModified": when, "size": 3}) == f"m:{when.isoformat()}:3"
     assert version_token({"size": 3}) is None
+
+
+def test_s3_partitions_hold_every_key_exactly_once() -> None:
+    prefix = "profiles/image/"
+    names = [
+        "",
+        "-a",
+        ".hidden",
+        "/x",
+        "0",
+        "09.jpg",
+        "9~",
+        ":",
+        "@",
+        "A.jpg",
+        "Z",
+        "[",
+        "_",
+        "`x",
+        "a",
+        "z.png",
+        "zz",
+        "{",
+        "~~",
+        "é.jpg",
+        "\U0010ffff",
+        "\x01",
+        "a/b",
+    ]
+    keys = [prefix + n for n in names] + ["other/x.jpg", "profiles/imag"]
+    parts = s3_partitions(prefix)
+    assert len(parts) == 64 + 6  # a range per userid character, and the gaps between
+
+    def holds(part: tuple[str, str | None, str | None], key: str) -> bool:
+        list_prefix, start_after, stop_at = part
+        return (
+            key.startswith(list_prefix)
+            and (start_after is None or key.encode() > start_after.encode())
+            and (stop_at is None or key.encode() < stop_at.encode())
+        )
+
+    for key in keys:
+        count = sum(holds(part, key) for part in parts)
+        assert count == (1 if key.startswith(prefix) else 0), (key, count)
+    for _, start_after, _ in parts:
+        assert start_after is None or len(start_after.encode()) <= 1024
 
 
 # --- settings --------------------------------------------------------------------------------
