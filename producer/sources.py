@@ -31,6 +31,7 @@ import redis
 
 from worker.ids import is_valid_userid
 from worker.keys import scored_index
+from worker.s3 import s3_client, split_s3_url
 from worker.sources import FolderSource, PictureRef, PrefixSource, SourceError, redact_url
 
 log = logging.getLogger(__name__)
@@ -240,8 +241,6 @@ def _s3_entries(source: PrefixSource) -> list[Entry]:
     from concurrent.futures import ThreadPoolExecutor
 
     import urllib3
-
-    from worker.s3 import s3_client, split_s3_url
 
     shown = redact_url(source.url)
     bucket, prefix = split_s3_url(source.url)

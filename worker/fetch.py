@@ -82,13 +82,6 @@ from worker.sources import (
 
 log = logging.getLogger(__name__)
 
-# At DEBUG these libraries log request lines with their query strings (a presigned
-# URL's signature) and signed headers (an access key id): capped at INFO unless an
-# operator set their level on purpose.
-for _name in ("urllib3.connectionpool", "botocore", "aiobotocore", "s3fs"):
-    if logging.getLogger(_name).level == logging.NOTSET:
-        logging.getLogger(_name).setLevel(logging.INFO)
-
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUS = frozenset({408, 425, 429})
 USER_AGENT = "genderscore-fetch/1"

@@ -12,9 +12,18 @@ ISO 8601 and HTTP dates with the standard library instead.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+
+# At DEBUG these libraries log request lines with their query strings (a presigned
+# URL's signature, a manifest's signed URL) and signed headers (an access key id):
+# capped at INFO unless an operator set their level on purpose. Every module that
+# sends such a request imports this one.
+for _name in ("urllib3.connectionpool", "botocore", "aiobotocore", "s3fs"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.INFO)
 
 
 def parse_time(value: str) -> datetime:
