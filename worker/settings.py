@@ -7,11 +7,15 @@ the environment. The defaults are the ones measured best on a 2-core machine
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import re
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class SettingsError(RuntimeError):
@@ -98,6 +102,49 @@ class Settings(BaseSettings):
         description="Pixel limit for formats without DCT scaling (all but JPEG).",
     )
 
+    # --- Picture sources (folders, object stores, URLs) -------------------------------
+    # Issue 14: pictures come as .jpg, .jpeg, .png or .webp, in any case. A comma list
+    # (".jpg,.png") or a JSON list; the same rule lists folders and URL prefixes.
+    picture_extensions: Annotated[list[str], NoDecode] = Field(
+        [".jpg", ".jpeg", ".png", ".webp"],
+        description="File extensions listed as pictures (any case), comma-separated.",
+    )
+    # A manifest is user input: each scheme here is a kind of request a worker makes on
+    # its behalf. No ftp (plain-text credentials), data: or javascript:.
+    url_schemes: Annotated[list[str], NoDecode] = Field(
+        ["s3", "gs", "https", "http", "file"],
+        description="URL schemes a manifest or a source prefix may use, comma-separated.",
+    )
+    # file:// URLs in a manifest read the worker's own disk: only under this folder.
+    file_url_root: Path | None = Field(
+        None, description="Folder that file:// manifest URLs must be under (unset: refused)."
+    )
+    # A worker fetching a URL must not become a proxy into its own network: link-local
+    # (cloud metadata at 169.254.169.254), AWS's IPv6 metadata, Alibaba's metadata.
+    # Add private ranges (10.0.0.0/8, ...) here where pictures never live on them.
+    fetch_blocked_networks: Annotated[list[str], NoDecode] = Field(
+        ["169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32"],
+        description="Networks a worker never connects to for a picture URL, comma-separated.",
+    )
+    # One attempt (connect to last byte) of one picture; a stalled store or a server that
+    # never answers costs this much per attempt, not the batch's whole time limit.
+    fetch_timeout: float = Field(
+        10.0, gt=0, le=120, description="Seconds one fetch attempt of a picture may take."
+    )
+    # 5xx, timeouts and connection errors are retried with backoff (0.2 s, doubling);
+    # after the last attempt the picture goes back to the queue, never an error record.
+    fetch_attempts: int = Field(
+        3, ge=1, le=10, description="Attempts per picture for transient store faults."
+    )
+    # Fetches in flight per worker process: with 20 ms per request, 16 keep a batch's
+    # I/O under its decoding time (bench/sources.py).
+    fetch_concurrency: int = Field(
+        16, ge=1, le=256, description="Pictures fetched at once by one worker process."
+    )
+    fetch_max_redirects: int = Field(
+        5, ge=0, le=20, description="HTTP redirects followed for one picture URL."
+    )
+
     # --- Nightly scoring ----------------------------------------------------------
     nightly_cron: str = Field(
         "0 2 * * *", description="minute hour day month weekday (UTC), or a number of seconds"
@@ -122,6 +169,49 @@ class Settings(BaseSettings):
     nightly_poll_seconds: float = Field(
         30, gt=0, description="How often the nightly run checks whether it finished."
     )
+
+    @field_validator("picture_extensions", "url_schemes", "fetch_blocked_networks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # "a,b" or '["a", "b"]' from the environment; lists as they are from code.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("picture_extensions")
+    @classmethod
+    def _extensions(cls, value: list[str]) -> list[str]:
+        exts = [("." + e.lstrip(".")).lower() for e in value]
+        for ext in exts:
+            if not re.fullmatch(r"\.[a-z0-9]{1,10}", ext):
+                raise ValueError(f"{ext!r} is not a file extension like .jpg")
+        if not exts:
+            raise ValueError("at least one extension is needed")
+        return list(dict.fromkeys(exts))
+
+    @field_validator("url_schemes")
+    @classmethod
+    def _schemes(cls, value: list[str]) -> list[str]:
+        schemes = [s.lower().removesuffix("://").removesuffix(":") for s in value]
+        for scheme in schemes:
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]{0,19}", scheme):
+                raise ValueError(f"{scheme!r} is not a URL scheme like s3")
+            if scheme in ("data", "javascript"):
+                raise ValueError(f"{scheme}: URLs carry no picture location")
+        return list(dict.fromkeys(schemes))
+
+    @field_validator("fetch_blocked_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network like 169.254.0.0/16") from None
+        return value
 
     @model_validator(mode="after")
     def _limits_below_visibility(self) -> Settings:
