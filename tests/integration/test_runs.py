@@ -148,3 +148,33 @@ def test_a_producer_interrupted_mid_publish_is_completed_by_running_it_again(
         world.cli("collect", "interrupted", "--out", str(out))
     assert sorted(_rows(out)) == scan.userids
     assert set(world.deliveries("interrupted").values()) == {1}
+
+
+def test_the_broker_url_is_honoured_by_every_part(
+    world: FaultEnv, tmp_path: Path, redis_client: redis.Redis
+) -> None:
+    # Results in one Redis database, messages in another: what a deployment with a
+    # separate broker does. Nothing may publish to, or read queues from, the results one.
+    results_url = world.redis_url
+    broker_url = results_url.rsplit("/", 1)[0] + "/" + str((int(results_url[-1]) + 1) % 16)
+    world.env["GENDERSCORE_BROKER_URL"] = broker_url
+    broker = redis.Redis.from_url(broker_url, decode_responses=True)
+    queue = f"{world.prefix}:score"
+    folder = tmp_path / "pictures"
+    make_pictures(folder, 20, size=(48, 48))
+    try:
+        world.cli("score", str(folder), "--run-id", "split")
+        assert broker.llen(queue) == 20 and world.client.llen(queue) == 0
+        plain = world.cli("status").stdout
+        assert "score 20" in plain, plain  # queue depth read from the broker
+        with world.worker("w"):
+            world.wait_settled("split", 20, timeout=60)
+            # reconcile of a complete run publishes nothing; of a gap, to the broker.
+            world.client.hdel(world.keys("split").pred, sorted(world.settled("split")[0])[0])
+            fixed = world.cli("reconcile", "split")
+            assert fixed.stdout.strip() == "1"
+            world.wait_settled("split", 20, timeout=60)
+        assert world.client.llen(queue) == 0 and not world.client.exists(f"{world.prefix}:unacked")
+    finally:
+        for key in broker.scan_iter(match=f"{world.prefix}:*"):
+            broker.delete(key)
