@@ -374,9 +374,10 @@ def promote(model: Path, served: Path | None) -> None:
 
 
 def _register_training() -> None:
-    from training.cli import evaluate, train
+    from training.cli import evaluate, export, train
 
     main.add_command(train)
+    main.add_command(export)
     main.add_command(evaluate)
 
 

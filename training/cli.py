@@ -1,4 +1,4 @@
-"""``genderscore train`` and ``genderscore evaluate`` (added to the group in producer.cli).
+"""``genderscore train``, ``export`` and ``evaluate`` (added to the group in producer.cli).
 
 Training runs here, or with ``--submit`` on a training worker, followed epoch by epoch.
 This module imports quickly: TensorFlow, Celery and the training code load inside the
@@ -154,6 +154,10 @@ def train(
         f"{result.model_path}`",
         err=True,
     )
+    from training.export import describe
+
+    for line in describe(result.metadata):
+        click.echo(f"twin {line}", err=True)
     click.echo(result.summary())
 
 
@@ -256,3 +260,31 @@ def evaluate(scored_csv: Path, labels_csv: Path) -> None:
     except (LabelsError, EvaluationError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_evaluation(result))
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--precision",
+    "precisions",
+    multiple=True,
+    type=click.Choice(("f32", "bf16", "int8")),
+    help="Precisions to check (repeatable; default all). f32 is always exported.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Pictures like those you will score (the checks run on them; int8 is fitted on them).",
+)
+def export(model: Path, precisions: tuple[str, ...], calibration: Path) -> None:
+    """Compile MODEL.h5's twin (OpenVINO, ONNX) beside it and record it in MODEL.json."""
+    from training.export import ExportError, describe, export_twin
+    from worker.model import ModelError
+
+    try:
+        meta = export_twin(model, calibration_dir=calibration, precisions=precisions or None)
+    except (ExportError, ModelError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in describe(meta):
+        click.echo(line)

@@ -4,7 +4,9 @@
 Celery task ``genderscore.train``. It splits users by class (seeded), augments the
 training batches only, stops early on the validation loss with the best weights
 restored, and writes, each atomically and in this order: the HDF5 model, its metadata
-(what ``worker.model.load_bundle`` reads and checks) and a PNG of the training curves.
+(what ``worker.model.load_bundle`` reads and checks), a PNG of the training curves and
+the model's compiled twin (``training.export``, checked on the validation users, recorded
+in the metadata).
 
 TensorFlow is imported inside functions only.
 """
@@ -31,6 +33,7 @@ from training.data import (
     make_augmentation,
     make_dataset,
     stratified_split,
+    to_inputs,
     userids_fingerprint,
 )
 from training.network import feature_size, min_image_size
@@ -234,6 +237,16 @@ def train(
         written = save_model(model, out, metadata)
     curves = out.with_suffix(".png")
     write_curves(history, written["baseline_accuracy"], curves)
+    from training.export import ExportError, export_twin
+
+    try:  # the twin workers serve, checked on the validation users
+        written = export_twin(
+            out,
+            pictures=to_inputs(data.pixels[split.val]),
+            calibration_source=f"validation split ({len(split.val)} users)",
+        )
+    except ExportError as exc:
+        raise TrainingError(f"model saved to {out}, but its twin was not exported: {exc}") from None
     result = TrainResult(out, metadata_path(out), curves, written, data.report)
     log.info("model saved to %s (sha256 %s): %s", out, written["sha256"][:12], result.summary())
     return result

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import threading
 import zipfile
@@ -89,6 +90,8 @@ class ModelBundle:
     positive_class: str  # the sigmoid output is P(positive_class)
     threshold: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "keras"  # or the twin's runtime (worker.runtime)
+    precision: str = "f32"
 
     @property
     def model_id(self) -> str:
@@ -237,6 +240,9 @@ def check_model_file(model_path: Path) -> str:
     data = read_model_file(model_path)
     sha = verify_model_bytes(model_path, data, meta)
     check_h5_config(model_path, data)
+    from worker.runtime import check_runtime
+
+    check_runtime(model_path, meta)
     return sha
 
 
@@ -282,8 +288,13 @@ def load_bundle(model_path: Path, tf_threads: int | None = None) -> ModelBundle:
     data = read_model_file(model_path)
     sha = verify_model_bytes(model_path, data, meta)
     check_h5_config(model_path, data)
-    configure_tensorflow(tf_threads)
-    model = _keras_load(model_path, data)
+    from worker.runtime import load_model  # the verified compiled twin, or Keras
+
+    def keras_model() -> Any:
+        configure_tensorflow(tf_threads)
+        return _keras_load(model_path, data)
+
+    model, runtime, precision = load_model(model_path, data, meta, tf_threads, keras_model)
     shape = model.input_shape
     if (
         not isinstance(shape, tuple)
@@ -301,11 +312,15 @@ def load_bundle(model_path: Path, tf_threads: int | None = None) -> ModelBundle:
     positive = meta.positive_class if meta else BARE_H5_DEFAULTS["positive_class"]
     threshold = meta.threshold if meta else BARE_H5_DEFAULTS["threshold"]
     log.info(
-        "model loaded: %s sha256=%s input=%s sigmoid=P(%s) pid=%d",
+        "model loaded: %s sha256=%s input=%s sigmoid=P(%s) runtime=%s precision=%s "
+        "tensorflow=%s pid=%d",
         model_path,
         sha[:12],
         input_size,
         positive,
+        runtime,
+        precision,
+        "loaded" if "tensorflow" in sys.modules else "not loaded",
         os.getpid(),
     )
     return ModelBundle(
@@ -316,6 +331,8 @@ def load_bundle(model_path: Path, tf_threads: int | None = None) -> ModelBundle:
         positive_class=positive,
         threshold=float(threshold),
         metadata=meta.model_dump() if meta else {},
+        runtime=runtime,
+        precision=precision,
     )
 
 

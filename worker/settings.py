@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -86,7 +86,29 @@ class Settings(BaseSettings):
         3, ge=2, description="Batches each pool process keeps prefetched."
     )
     tf_threads: int = Field(
-        0, ge=0, description="TensorFlow threads per worker process (0: cores / concurrency)."
+        0,
+        ge=0,
+        description="Inference threads per worker process, TensorFlow or the twin's "
+        "(0: cores / concurrency).",
+    )
+    # Measured (docs/performance.md, origin CNN at 150x150, batch 16): the compiled twin
+    # (OpenVINO) scores a picture at bf16 in half Keras' time on an AVX-512 BF16 CPU,
+    # imports in 0.3 s instead of 3-10 s and needs 150 MB instead of 880 MB per process;
+    # "auto" uses it when its sha256 matches the model's metadata, else Keras.
+    runtime: Literal["auto", "keras", "openvino"] = Field(
+        "auto",
+        description="auto: the model's verified compiled twin (OpenVINO), else Keras "
+        "(logged once); keras: always Keras (needs genderscore[train]); openvino: the "
+        "twin or the worker does not start.",
+    )
+    # A precision is served only if it passed its check at export against Keras f32:
+    # labels agree on >= 99.5 % of the calibration pictures and median |dp| <= 1e-3
+    # (f32: max |dp| <= 1e-5). "auto" takes the fastest that passed and that this CPU
+    # runs natively (int8, then bf16, then f32).
+    precision: Literal["auto", "f32", "bf16", "int8"] = Field(
+        "auto",
+        description="Twin precision: auto (fastest that passed at export) or one that "
+        "passed; a failed one is refused with its figures.",
     )
     max_image_bytes: int = Field(
         20 * 1024 * 1024, ge=1024, description="Larger picture files are errors."
