@@ -114,8 +114,12 @@ def score(
     if local:
         from producer.collect import write_outputs
         from producer.local import score_local
+        from worker.model import ModelError
 
-        data = score_local(model_path, scan.images_dir, scan.pictures)
+        try:
+            data = score_local(model_path, scan.images_dir, scan.pictures)
+        except ModelError as exc:
+            raise click.ClickException(str(exc)) from None
         target = out or Path("out") / "local.csv"
         written = write_outputs(data, target)
         click.echo(

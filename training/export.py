@@ -92,7 +92,8 @@ def calibration_pictures(
     files = sorted(
         p for p in folder.iterdir() if p.suffix.lower() in PICTURE_EXTENSIONS and p.is_file()
     )
-    arrays, skipped = [], []
+    arrays: list[NDArray[np.float32]] = []
+    skipped: list[str] = []
     for path in files:
         if len(arrays) >= limit:
             break

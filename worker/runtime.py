@@ -143,6 +143,14 @@ def native_precisions(capabilities: list[str] | None) -> set[Precision]:
     return {p for p in PRECISIONS if NATIVE_CAPABILITY[p] in capabilities}
 
 
+def check_precision(value: str) -> Precision:
+    """``value`` as a Precision; ValueError if it is not one."""
+    for precision in PRECISIONS:
+        if value == precision:
+            return precision
+    raise ValueError(f"unknown precision {value!r}: one of {', '.join(PRECISIONS)}")
+
+
 def choose_precision(
     twin: TwinMetadata, wanted: str, capabilities: list[str] | None = None
 ) -> Precision:
@@ -167,7 +175,7 @@ def choose_precision(
                 f"GENDERSCORE_PRECISION={wanted}: this CPU does not run {wanted} natively "
                 f"(OpenVINO capabilities: {', '.join(capabilities or [])})"
             )
-        return wanted  # type: ignore[return-value]
+        return check_precision(wanted)
     for precision in SPEED_ORDER:
         check = twin.precisions.get(precision)
         if check is not None and check.passed and precision in native:
