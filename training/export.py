@@ -239,7 +239,7 @@ def export_twin(
     give the calibration pictures. ``precisions`` (default: all) are checked; f32 is
     always exported: bf16 is compiled from it.
     """
-    model_path = Path(model_path)
+    model_path = Path(model_path).resolve()  # a served link: the version it names
     meta = read_metadata(model_path)
     data = read_model_file(model_path)
     sha = verify_model_bytes(model_path, data, meta)  # a bare .h5 only when allowed

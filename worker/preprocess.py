@@ -216,10 +216,25 @@ def decode(data: bytes, size: tuple[int, int], max_pixels: int | None = None) ->
         raise PictureError("too_large", "out of memory while decoding") from None
 
 
+def pixels(data: bytes, size: tuple[int, int]) -> NDArray[np.uint8]:
+    """Picture bytes -> uint8 RGB pixels (height, width, 3), before scaling."""
+    return np.asarray(decode(data, size), dtype=np.uint8)
+
+
+def scale(values: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """uint8 pixels (one picture or a stacked batch) -> the model's float32 input in [0, 1].
+
+    Element by element ``float32(k) * float32(1/255)``: a batch scaled at once is bit for
+    bit the stack of its pictures scaled one by one (the scorer scales whole batches).
+    """
+    result = values.astype(np.float32)
+    result *= np.float32(1.0 / 255.0)
+    return result
+
+
 def preprocess(data: bytes, size: tuple[int, int]) -> NDArray[np.float32]:
     """Picture bytes -> float32 array (height, width, 3) scaled to [0, 1]."""
-    image = decode(data, size)
-    return np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
+    return scale(pixels(data, size))
 
 
 def preprocess_file(path: Path, size: tuple[int, int]) -> NDArray[np.float32]:

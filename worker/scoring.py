@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.model import ModelBundle
-from worker.preprocess import PictureError, load_picture, preprocess
+from worker.preprocess import PictureError, load_picture, pixels, scale
 
 
 @dataclass(frozen=True)
@@ -75,15 +75,17 @@ def content_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-Prepared = tuple[NDArray[np.float32], str] | Failed  # (array, content digest) or why not
+# (uint8 pixels, content digest) or why not. Pixels wait for their batch as uint8, a
+# quarter of float32; ``infer`` scales the stacked batch (worker.preprocess.scale).
+Prepared = tuple[NDArray[np.uint8], str] | Failed
 
 
 def prepare(bundle: ModelBundle, item: tuple[str, Path]) -> Prepared:
-    """Read and preprocess one ``(userid, path)``: its array and digest, or a Failed."""
+    """Read and decode one ``(userid, path)``: its pixels and digest, or a Failed."""
     userid, path = item
     try:
         data = load_picture(path)
-        return preprocess(data, bundle.size_wh), content_digest(data)
+        return pixels(data, bundle.size_wh), content_digest(data)
     except PictureError as exc:
         return Failed(userid, exc.kind, exc.message)
     except Exception as exc:  # anything else one picture raises is still its own error
@@ -101,7 +103,8 @@ def infer(
     ready = [(i, e) for i, e in enumerate(prepared) if not isinstance(e, Failed)]
     if ready:
         try:
-            raw = predict_raw(bundle, np.stack([array for _, (array, _) in ready]), batch_size)
+            batch = scale(np.stack([array for _, (array, _) in ready]))
+            raw = predict_raw(bundle, batch, batch_size)
         except Exception as exc:  # the model failed on these inputs: their error, not a crash
             reason = f"{type(exc).__name__}: {exc}"[:300]
             for index, _ in ready:
