@@ -4,7 +4,7 @@ Sizes run from 100x100 to 1024x768 (square avatars, 4:3 and 3:4 photos), a few a
 progressive and a few grayscale; the content is a smooth colour field with a face-like
 ellipse and mild noise, so files decode and compress like photos, not like noise.
 Picture ``i`` depends only on ``(seed, i, profile)``: a folder generated once is reused
-when its manifest matches, and smaller runs use hard links to its first pictures.
+when its manifest matches, and smaller runs use copies of its first pictures.
 """
 
 from __future__ import annotations
@@ -183,7 +183,10 @@ def userids(pictures: PictureSet, count: int | None = None) -> list[str]:
 
 
 def subset(pictures: PictureSet, count: int, folder: Path) -> Path:
-    """A folder holding the first ``count`` pictures of a set (hard links where possible)."""
+    """A folder holding copies of the first ``count`` pictures of a set.
+
+    Copies, not hard links: the worker refuses a picture with more than one link.
+    """
     if count > pictures.count:
         raise ValueError(f"asked for {count} pictures of a set of {pictures.count}")
     if count == pictures.count:
@@ -192,9 +195,5 @@ def subset(pictures: PictureSet, count: int, folder: Path) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for uid in userids(pictures, count):
-        source, target = pictures.folder / f"{uid}.jpg", folder / f"{uid}.jpg"
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
+        shutil.copyfile(pictures.folder / f"{uid}.jpg", folder / f"{uid}.jpg")
     return folder
