@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tomllib
 import warnings
 from pathlib import Path
@@ -210,9 +209,10 @@ def test_trainer_consumes_training_alone_on_a_gpu(services: dict[str, Any]) -> N
     assert sub.params["queues"] == ["training"] and sub.params["concurrency"] == 1
     devices = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert "and-cuda" in trainer["build"]["args"]["TF_PACKAGE"]
+    assert trainer["build"]["args"]["REQUIREMENTS"] == "trainer"
     assert trainer["image"] != services["worker"]["image"]
-    assert services["worker"]["build"]["args"]["TF_PACKAGE"] == "tensorflow-cpu"
+    assert services["worker"]["build"]["args"]["REQUIREMENTS"] == "worker"
+    assert services["cli"]["image"] == trainer["image"]  # train and export need TensorFlow
 
 
 def test_one_beat_and_a_persistent_schedule(services: dict[str, Any]) -> None:
@@ -297,9 +297,9 @@ def test_image_installs_dependencies_before_code_and_runs_as_non_root() -> None:
     build, runtime = dockerfile_stages()
     copies = [i for i in build if i.startswith("COPY ")]
     first_code = next(n for n, c in enumerate(copies) if "worker" in c.split())
-    install = next(n for n, i in enumerate(build) if "pip install -r requirements.txt" in i)
+    install = next(n for n, i in enumerate(build) if "pip install --require-hashes -r" in i)
     assert build.index(copies[0]) < install < build.index(copies[first_code])
-    assert "pyproject.toml" in copies[0] and "worker" not in copies[0]
+    assert "docker/requirements-worker.txt" in copies[0] and "worker" not in copies[0].split()
     users = [i.split()[1] for i in runtime if i.startswith("USER ")]
     assert users and users[-1] not in {"root", "0"}
     assert any(i.startswith("COPY --from=build /opt/venv") for i in runtime)
@@ -317,25 +317,22 @@ def test_image_installs_dependencies_before_code_and_runs_as_non_root() -> None:
             assert any(source == a or source.startswith(a + "/") for a in allowed), source
 
 
-@pytest.mark.parametrize("package", ["tensorflow-cpu", "tensorflow[and-cuda]"])
-def test_image_requirements_swap_tensorflow_only(package: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "docker" / "requirements.py"),
-            str(ROOT / "pyproject.toml"),
-            "--tensorflow",
-            package,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    lines = result.stdout.splitlines()
+def _locked(path: Path) -> dict[str, str]:
+    """name -> version pinned by a lock file."""
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", path.read_text(), flags=re.M)
+    return {name.lower(): version for name, version in pins}
+
+
+def test_images_install_from_lock_files_and_only_the_trainer_has_tensorflow() -> None:
+    worker = _locked(ROOT / "docker" / "requirements-worker.txt")
+    trainer = _locked(ROOT / "docker" / "requirements-trainer.txt")
+    assert "tensorflow" not in worker and "keras" not in worker and "openvino" in worker
+    assert {"tensorflow", "keras", "tf2onnx", "onnxruntime", "openvino"} <= set(trainer)
+    assert any(name.startswith("nvidia-cudnn") for name in trainer)  # tensorflow[and-cuda]
+    for path in ("requirements-worker.txt", "requirements-trainer.txt"):
+        text = (ROOT / "docker" / path).read_text()
+        assert text.count("==") <= text.count("--hash=sha256:"), path  # every pin hashed
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert len(lines) == len(dependencies)
-    (tf_line,) = [line for line in lines if line.startswith("tensorflow")]
-    (tf_dep,) = [d for d in dependencies if re.match(r"tensorflow\b", d)]
-    assert tf_line == package + tf_dep[len("tensorflow") :]
-    assert [line for line in lines if line != tf_line] == [d for d in dependencies if d != tf_dep]
+    for dependency in dependencies:  # every direct dependency is in both locks
+        name = re.match(r"[A-Za-z0-9_.-]+", dependency)
+        assert name and name.group(0).lower() in worker and name.group(0).lower() in trainer
