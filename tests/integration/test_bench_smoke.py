@@ -73,11 +73,20 @@ def test_quick_benchmark_reports_every_figure(
     )
     result = only_json(results_dir)
 
-    for measure in ("local", "pipeline", "naive"):
+    for measure in ("local_keras", "local", "pipeline", "naive"):
         assert result[measure]["images_per_s"] > 0, measure
         assert result[measure]["rows"] == result[measure]["pictures"], measure
         assert result[measure]["error_rows"] == 0, measure
     assert result["local"]["cold_seconds"] >= result["local"]["seconds"] > 0
+    # Keras and the default runtime side by side: the smoke model's twin serves (f32).
+    assert result["local_keras"]["served_by"] == "keras f32"
+    assert result["local"]["served_by"].startswith("openvino ")
+    assert result["agreement"]["pictures"] == result["local"]["pictures"]
+    assert result["agreement"]["label_agreement"] >= 0.995
+    assert result["agreement"]["median_abs_dp"] <= 1e-3
+    assert result["cold"]["seconds"] > 0 and result["cold_keras"]["seconds"] > 0
+    assert result["cold"]["served_by"].startswith("openvino ")
+    assert result["ratios"]["twin_over_keras"] > 0
     assert result["pipeline"]["warmup"]["seconds"] > 0
     assert result["ratios"]["b_over_a"] > 0 and result["ratios"]["b_over_c"] > 0
     assert [run["pictures"] for run in result["scaling"]] == result["plan"]["sizes"]
@@ -105,7 +114,10 @@ def test_quick_benchmark_reports_every_figure(
     assert all(isinstance(t["met"], bool) for t in result["targets"])
 
     for line in (
-        "(a) score --local",
+        "(a) score --local, keras",
+        "(a) score --local, default",
+        "cold start (worker command -> first batch recorded)",
+        "(a) default runtime / keras",
         "(b) score -> workers -> collect",
         "(c) naive",
         "(b) at N",
