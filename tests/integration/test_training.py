@@ -150,11 +150,14 @@ def test_metadata_is_complete_and_matches_the_file(
 def test_saved_model_scores_like_the_worker(
     trained: tuple[TrainResult, list[tuple[int, dict[str, float]]]],
     course_data: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from worker.model import check_h5_config, load_bundle
     from worker.preprocess import preprocess
     from worker.scoring import Scored, score_pictures
+    from worker.settings import settings
 
+    monkeypatch.setattr(settings, "runtime", "keras")  # the .h5 itself, layer by layer
     result, _ = trained
     check_h5_config(result.model_path)  # no Lambda layers
     bundle = load_bundle(result.model_path)
