@@ -116,10 +116,12 @@ class ScoreRequest:
 
 @dataclass
 class BatchReply:
-    """Which requests to acknowledge and which to hand back to the queue."""
+    """Which requests to acknowledge and which to hand back to the queue, and how far
+    each run of the batch is (settled, total) after it."""
 
     ack: list[str] = field(default_factory=list)
     requeue: list[str] = field(default_factory=list)
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def with_redis_retry(action: Callable[[], T], what: str, budget_s: float) -> T:
@@ -182,8 +184,10 @@ class BatchScorer:
         for (run_id, model_path, model_sha), group in group_by_run(requests).items():
             ids = [r.request_id for r in group]
             try:
-                self._process_group(run_id, Path(model_path), model_sha, group)
+                progress = self._process_group(run_id, Path(model_path), model_sha, group)
                 reply.ack += ids
+                if progress:
+                    reply.progress[run_id] = progress
             except (UnknownRun, CancelledRun) as exc:
                 what = "is cancelled" if isinstance(exc, CancelledRun) else "is not in Redis"
                 log.warning("run %s %s: dropping %d messages", run_id, what, len(group))
@@ -217,7 +221,8 @@ class BatchScorer:
 
     def _process_group(
         self, run_id: str, model_path: Path, model_sha: str, group: list[ScoreRequest]
-    ) -> None:
+    ) -> tuple[int, int] | None:
+        """Score one run's requests and record them; the run's (settled, total) after."""
         budget = settings.score_time_limit / 3
         pictures = {r.userid: r.picture for r in group}  # a userid twice: worked on once
         state = with_redis_retry(
@@ -257,21 +262,23 @@ class BatchScorer:
         sha = model.sha256 if isinstance(model, ModelBundle) else model_sha
         if fresh and isinstance(model, ModelBundle):
             outcomes += score_pictures(model, fresh, settings.batch_size)
+        progress = None
         if outcomes:
-            with_redis_retry(
+            progress = with_redis_retry(
                 lambda: record_outcomes(self.client, run_id, sha, outcomes), "recording", budget
             )
         for userid, path in suspects:
             assert isinstance(model, ModelBundle)  # suspects are cleared without a model
-            self._score_alone(run_id, model, userid, path, budget)
+            progress = self._score_alone(run_id, model, userid, path, budget)
+        return progress
 
     def _score_alone(
         self, run_id: str, bundle: ModelBundle, userid: str, path: Path, budget: float
-    ) -> None:
+    ) -> tuple[int, int]:
         """Score a suspected picture on its own, marked so that a death blames it alone."""
         with_redis_retry(lambda: mark_solo(self.client, run_id, userid), "marking", budget)
         outcome = score_pictures(bundle, [(userid, path)], 1)
-        with_redis_retry(
+        return with_redis_retry(
             lambda: record_outcomes(self.client, run_id, bundle.sha256, outcome),
             "recording",
             budget,

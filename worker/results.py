@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.commands.core import Script
 
 from worker.keys import run_keys, runs_index, scored_index
 from worker.scoring import Failed, Outcome, Scored
@@ -56,15 +57,15 @@ while i <= #ARGV do
   i = i + 2
 end
 local settled = redis.call('HLEN', pred) + redis.call('HLEN', err)
+local total = tonumber(redis.call('HGET', meta, 'total') or '0')
 if redis.call('EXISTS', meta) == 1 then
   touch(ttl)
   local open_run = redis.call('HEXISTS', meta, 'finished_at') == 0
   if open_run and redis.call('HGET', meta, 'sealed') == '1' then
-    local total = tonumber(redis.call('HGET', meta, 'total') or '0')
     if settled >= total then redis.call('HSET', meta, 'finished_at', now) end
   end
 end
-return settled
+return {settled, total}
 """
 )
 
@@ -210,6 +211,17 @@ def decode_prediction(value: str) -> Prediction:
 _GENDERS = {"f": "female", "m": "male"}
 
 
+_SCRIPTS: dict[str, Script] = {}
+
+
+def _run_script(client: redis.Redis, text: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    """Run a Lua script by its sha1 (EVALSHA; loaded on first use), not by its text."""
+    script = _SCRIPTS.get(text)
+    if script is None:
+        script = _SCRIPTS.setdefault(text, client.register_script(text))
+    return script(keys=list(keys), args=list(args), client=client)
+
+
 def _ttl() -> int:
     return settings.result_ttl_days * 86400
 
@@ -221,8 +233,8 @@ def _script_keys(run_id: str, model_sha: str) -> list[str]:
 
 def record_outcomes(
     client: redis.Redis, run_id: str, model_sha: str, outcomes: Sequence[Outcome]
-) -> int:
-    """Write a batch's outcomes atomically; return how many userids the run has settled."""
+) -> tuple[int, int]:
+    """Write a batch's outcomes atomically; return the run's settled and total userids."""
     now = time.time()
     scored = [o for o in outcomes if isinstance(o, Scored)]
     failed = [o for o in outcomes if isinstance(o, Failed)]
@@ -231,15 +243,15 @@ def record_outcomes(
         args += [s.userid, encode_prediction(s, now), s.digest]
     for f in failed:
         args += [f.userid, f.reason[:500]]
-    result = client.eval(_RECORD, 6, *_script_keys(run_id, model_sha), *args)
-    return int(result)
+    settled, total = _run_script(client, _RECORD, _script_keys(run_id, model_sha), args)
+    return int(settled), int(total)
 
 
 def seal_run(client: redis.Redis, run_id: str, total: int) -> None:
     """Mark a run fully enqueued with ``total`` userids; stamps it finished if it already is."""
     keys = run_keys(run_id)
     client.hset(keys.meta, mapping={"total": total, "sealed": 1})
-    client.eval(_RECORD, 6, *_script_keys(run_id, "-"), f"{time.time():.3f}", _ttl(), 0)
+    _run_script(client, _RECORD, _script_keys(run_id, "-"), [f"{time.time():.3f}", _ttl(), 0])
 
 
 class UnknownRun(LookupError):
@@ -264,7 +276,7 @@ def start_batch(client: redis.Redis, run_id: str, userids: Sequence[str]) -> dic
     Raises UnknownRun or CancelledRun: such a run's messages are dropped.
     """
     keys = run_keys(run_id)
-    reply = client.eval(_START, 5, *keys.all(), _ttl(), *userids)
+    reply = _run_script(client, _START, keys.all(), [_ttl(), *userids])
     if reply and int(reply[0]) == -1:
         raise UnknownRun(run_id)
     if reply and int(reply[0]) == -2:
@@ -288,7 +300,8 @@ def record_deaths(client: redis.Redis, run_id: str, userids: Sequence[str], pid:
     Returns how many userids were blamed.
     """
     keys = run_keys(run_id)
-    return int(client.eval(_DEATHS, 3, keys.pred, keys.err, keys.tries, str(pid or ""), *userids))
+    keys_used = [keys.pred, keys.err, keys.tries]
+    return int(_run_script(client, _DEATHS, keys_used, [str(pid or ""), *userids]))
 
 
 class RunConflict(ValueError):
@@ -305,17 +318,11 @@ def create_run(client: redis.Redis, run_id: str, fields: dict[str, Any]) -> bool
     pairs = [
         str(item) for name, value in fields.items() if value is not None for item in (name, value)
     ]
-    reply = client.eval(
+    reply = _run_script(
+        client,
         _CREATE,
-        2 + len(keys.all()),
-        keys.meta,
-        runs_index(),
-        *keys.all(),
-        run_id,
-        f"{time.time():.3f}",
-        _ttl(),
-        len(pairs) // 2,
-        *pairs,
+        [keys.meta, runs_index(), *keys.all()],
+        [run_id, f"{time.time():.3f}", _ttl(), len(pairs) // 2, *pairs],
     )
     if int(reply[0]) == -1:
         name, current = str(reply[1]), str(reply[2])

@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         description="Twin precision: auto (fastest that passed at export) or one that "
         "passed; a failed one is refused with its figures.",
     )
+    # Three events per picture cost the worker's main process more than the messages
+    # themselves on a fast CPU (docs/performance.md); Flower then shows batches.
+    task_events: Literal["batch", "message"] = Field(
+        "batch",
+        description="Task events for Flower: one task per batch, or one per picture.",
+    )
     max_image_bytes: int = Field(
         20 * 1024 * 1024, ge=1024, description="Larger picture files are errors."
     )

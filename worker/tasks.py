@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -24,6 +24,8 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
+from kombu.transport.redis import QoS as RedisQoS
+from kombu.transport.virtual import QoS as VirtualQoS
 
 from worker.batching import (
     BatchReply,
@@ -33,6 +35,7 @@ from worker.batching import (
     group_by_run,
 )
 from worker.celery import app, pool_processes
+from worker.events import TaskEvents
 from worker.ids import describe
 from worker.results import connect, record_deaths
 from worker.settings import settings
@@ -86,18 +89,16 @@ class ScoreBatches(Batches):  # type: ignore[misc]
         by_id = {req.id: req for req in requests}
         started = time.monotonic()
         accepted_by: list[int] = []  # the pool process's pid, once it took the batch
+        events = TaskEvents(requests)
 
         def on_return(result: Any) -> None:
-            reply = result if isinstance(result, dict) else {"ack": [], "requeue": list(by_id)}
-            runtime = time.monotonic() - started
-            for request_id in reply.get("ack", []):
-                req = by_id.pop(request_id, None)
-                if req is not None:
-                    req.acknowledge()
-                    req.send_event("task-succeeded", result=None, runtime=runtime)
-            for req in list(by_id.values()):
+            reply: dict[str, Any] = result if isinstance(result, dict) else {}
+            acked = [by_id.pop(i) for i in reply.get("ack", []) if i in by_id]
+            requeued = list(by_id.values())
+            acknowledge(acked)
+            for req in requeued:
                 req.reject(requeue=True)
-                req.send_event("task-retried", exception="requeued", traceback="")
+            events.finished(acked, requeued, time.monotonic() - started, reply.get("progress", {}))
 
         def on_error(exc_info: ExceptionInfo) -> None:
             # The pool process died (SIGKILL, OOM, hard time limit): every message goes
@@ -110,23 +111,9 @@ class ScoreBatches(Batches):  # type: ignore[misc]
 
         def on_accepted(pid: int, time_accepted: float) -> None:
             accepted_by.append(pid)
-            for req in by_id.values():
-                req.send_event("task-started")
+            events.started()
 
-        for req in requests:
-            # Messages are published without Celery's sent event (see producer.enqueue):
-            # this tells Flower the task's name and arguments.
-            req.send_event(
-                "task-received",
-                name=req.name,
-                args=req.argsrepr,
-                kwargs=req.kwargsrepr,
-                root_id=req.root_id,
-                parent_id=req.parent_id,
-                retries=0,
-                eta=None,
-                expires=None,
-            )
+        events.received()
         batch = ([SimpleRequest.from_request(r) for r in requests],)
         return self._pool.apply_async(
             apply_batches_task,
@@ -152,6 +139,32 @@ class ScoreBatches(Batches):  # type: ignore[misc]
             pool_log.warning("could not count the lost batch in Redis: %s", exc)
 
 
+def acknowledge(requests: Sequence[Request]) -> None:
+    """Acknowledge a batch's messages: on Redis in one round trip, else one by one.
+
+    kombu's Redis transport acknowledges a message with its own MULTI/EXEC (ZREM from
+    the unacked index, HDEL from the unacked hash); a batch's are sent in one pipeline,
+    then each message is marked acknowledged as kombu itself would. (AMQP acks are
+    frames without a reply: nothing to gain.)
+    """
+    pending = [r for r in requests if not r.acknowledged]
+    if not pending:
+        return
+    qos: Any = getattr(pending[0].message.channel, "qos", None)
+    if not isinstance(qos, RedisQoS) or len(pending) == 1:
+        for req in pending:
+            req.acknowledge()
+        return
+    with qos.pipe_or_acquire() as pipe:
+        for req in pending:
+            qos._remove_from_indices(req.message.delivery_tag, pipe)  # type: ignore[attr-defined]
+        pipe.execute()
+    for req in pending:
+        VirtualQoS.ack(qos, req.message.delivery_tag)  # forget the delivery, as kombu does
+        req.message._state = "ACK"
+        req.acknowledged = True
+
+
 @app.task(
     base=ScoreBatches,
     name="genderscore.score",
@@ -160,7 +173,7 @@ class ScoreBatches(Batches):  # type: ignore[misc]
     acks_late=True,
     ignore_result=True,
 )
-def score(requests: list[SimpleRequest]) -> dict[str, list[str]]:
+def score(requests: list[SimpleRequest]) -> dict[str, Any]:
     """Score one picture per request, a batch at a time (run in a pool process)."""
     reply = BatchReply()
     batch = []
@@ -171,4 +184,4 @@ def score(requests: list[SimpleRequest]) -> dict[str, list[str]]:
             log.error("dropping malformed message %s: %s", describe(r.id), exc)
             reply.ack.append(str(r.id))
     done = score.scorer.process(batch)
-    return {"ack": reply.ack + done.ack, "requeue": done.requeue}
+    return {"ack": reply.ack + done.ack, "requeue": done.requeue, "progress": done.progress}

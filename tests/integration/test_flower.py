@@ -3,8 +3,8 @@
 Flower runs as ``celery -A worker flower`` against the test Redis, with its credentials
 in ``FLOWER_BASIC_AUTH`` as docker-compose.yml passes them; a scoring worker and a
 training worker are up; a small ``genderscore score --wait`` job runs; Flower's HTTP API
-then shows both workers, both queues and every score task with its run and userid. The
-project's exporter shows the run's counts and the queues. A headless Chromium (Debian's
+then shows both workers, both queues and every batch of score tasks with its run,
+userids and progress. The project's exporter shows the run's counts and the queues. A headless Chromium (Debian's
 ``chromium``; missing, the test fails) takes screenshots of the dashboard (into
 ``GENDERSCORE_SCREENSHOT_DIR`` when set, e.g. docs/img, to refresh the README's).
 """
@@ -209,15 +209,19 @@ def test_flower_shows_workers_queues_and_tasks_with_arguments(monitored: Monitor
         tasks = api(monitored, "/api/tasks?taskname=genderscore.score&limit=1000")
         mine = {i: t for i, t in tasks.items() if monitored.run_id in (t.get("args") or "")}
         done = [t for t in mine.values() if t["state"] == "SUCCESS"]
-        return mine if len(done) == PICTURES else None
+        covered = {u for t in done for u in monitored.userids if u in t["args"]}
+        return mine if covered == set(monitored.userids) else None
 
-    tasks = wait_until(finished_tasks, "Flower to see every score task succeed", timeout=30)
-    seen_userids = set()
+    # GENDERSCORE_TASK_EVENTS=batch (the default): one task per batch, every userid of
+    # the batch in its arguments, the run's progress in its result.
+    tasks = wait_until(finished_tasks, "Flower to see every picture's batch succeed", timeout=30)
+    assert len(tasks) < PICTURES  # batches, not pictures
     for task in tasks.values():
         assert task["name"] == "genderscore.score"
         assert task["worker"] == monitored.score_worker
-        seen_userids |= {u for u in monitored.userids if u in task["args"]}
-    assert seen_userids == set(monitored.userids)
+        assert task["args"].startswith(f"run={monitored.run_id} userids=")
+    results = [t.get("result") or "" for t in tasks.values()]
+    assert f"run {monitored.run_id}: {PICTURES}/{PICTURES} settled" in results
 
 
 def test_flower_metrics_count_the_run(monitored: Monitored) -> None:
