@@ -58,8 +58,9 @@ def _cleanup(client: redis.Redis, keys: list[str]) -> Iterator[list[str]]:
             client.unlink(*keys)
 
 
-def enqueue(client: redis.Redis, count: int, images_dir: Path, model: Path,
-            model_sha: str) -> dict[str, Any]:
+def enqueue(
+    client: redis.Redis, count: int, images_dir: Path, model: Path, model_sha: str
+) -> dict[str, Any]:
     """Time ``producer.enqueue.enqueue_run`` on ``count`` userids (nobody consumes)."""
     from producer.enqueue import enqueue_run
     from worker.celery import SCORE_QUEUE, app
@@ -73,15 +74,19 @@ def enqueue(client: redis.Redis, count: int, images_dir: Path, model: Path,
     with _cleanup(client, [*run_keys(run_id).all(), queue_key]):
         started = time.perf_counter()
         pictures = [(u, f"{u}.jpg") for u in userids]
-        result = enqueue_run(app, client, str(images_dir), pictures, model, model_sha, run_id)
+        source = f"folder:{images_dir}"
+        result = enqueue_run(app, client, source, pictures, model, model_sha, run_id)
         seconds = time.perf_counter() - started
         queued = int(client.llen(queue_key))
         client.zrem(runs_index(), run_id)
     if result.published != count or queued != count:
-        raise RuntimeError(f"enqueue: published {result.published}, queued {queued}, "
-                           f"expected {count}")
+        raise RuntimeError(
+            f"enqueue: published {result.published}, queued {queued}, expected {count}"
+        )
     return {
-        "userids": count, "seconds": round(seconds, 3), "per_second": round(count / seconds),
+        "userids": count,
+        "seconds": round(seconds, 3),
+        "per_second": round(count / seconds),
         "queued": queued,
     }
 
@@ -101,7 +106,9 @@ def collect(client: redis.Redis, count: int, scan_counts: tuple[int, ...] = ()) 
     userids = synthetic_userids(count, run_id)
     now = time.time()
     with _cleanup(client, list(keys.all())), tempfile.TemporaryDirectory() as tmp:
-        create_run(client, run_id, {"model_sha": "0" * 64, "model": "bench.h5", "source": "/b"})
+        create_run(
+            client, run_id, {"model_sha": "0" * 64, "model": "bench.h5", "source": "folder:/b"}
+        )
         memory_before = used_memory(client)
         write_started = time.perf_counter()
         for start in range(0, count, WRITE_CHUNK):
@@ -110,7 +117,8 @@ def collect(client: redis.Redis, count: int, scan_counts: tuple[int, ...] = ()) 
             for n, uid in enumerate(chunk, start):
                 p = (n * 7919 % 1_000_003) / 1_000_003
                 mapping[uid] = encode_prediction(
-                    Scored(uid, round(p, 6), "female" if p >= 0.5 else "male"), now)
+                    Scored(uid, round(p, 6), "female" if p >= 0.5 else "male"), now
+                )
             client.hset(keys.pred, mapping=mapping)
         write_seconds = time.perf_counter() - write_started
         memory_pred = used_memory(client)

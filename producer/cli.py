@@ -132,6 +132,7 @@ def score(
     from worker.celery import app
     from worker.model import ModelError, check_model_file
     from worker.results import RunConflict
+    from worker.sources import FolderSource
 
     try:
         sha = check_model_file(model_path)
@@ -145,7 +146,9 @@ def score(
             f"--only-new: {unchanged} pictures already scored by this model, skipped", err=True
         )
     try:
-        result = enqueue_run(app, client, str(scan.images_dir), pictures, model_path, sha, run_id)
+        result = enqueue_run(
+            app, client, FolderSource(scan.images_dir).spec, pictures, model_path, sha, run_id
+        )
     except RunConflict as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(

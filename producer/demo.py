@@ -154,6 +154,7 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
     from worker.celery import app
     from worker.model import check_model_file
     from worker.results import connect
+    from worker.sources import FolderSource
 
     with ExitStack() as stack:
         # Redis first: a URL where nothing answers fails before minutes of training.
@@ -175,7 +176,12 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
         client = connect()
         scan = scan_pictures(images)
         run = enqueue_run(
-            app, client, str(scan.images_dir), scan.pictures, model, check_model_file(model)
+            app,
+            client,
+            FolderSource(scan.images_dir).spec,
+            scan.pictures,
+            model,
+            check_model_file(model),
         )
         log.info("run %s: %d pictures enqueued on the score queue", run.run_id, run.published)
         follow_run(app, client, run.run_id, timeout=600)

@@ -46,7 +46,8 @@ def score_local(
         for start in range(0, len(items), CHUNK):
             prepared = [f.result() for f in pending]
             pending = submit(start + CHUNK)  # decode the next chunk during inference
-            outcomes = infer(bundle, items[start : start + CHUNK], prepared, size)
+            userids = [userid for userid, _ in items[start : start + CHUNK]]
+            outcomes = infer(bundle, userids, prepared, size)
             now = time.time()
             for outcome in outcomes:
                 if isinstance(outcome, Failed):
@@ -58,7 +59,7 @@ def score_local(
     meta = {
         "model": str(model_path),
         "model_sha": bundle.sha256,
-        "source": str(images_dir),
+        "source": f"folder:{images_dir}",
         "started_at": f"{started:.3f}",
         "finished_at": f"{time.time():.3f}",
         "total": str(len(items)),

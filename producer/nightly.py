@@ -56,6 +56,7 @@ from worker.model import check_model_file
 from worker.results import connect, run_counts
 from worker.runs import repair_stalled
 from worker.settings import Settings, settings
+from worker.sources import FolderSource
 
 log = get_task_logger(__name__)
 beat_log = logging.getLogger(__name__)
@@ -257,7 +258,13 @@ def start_nightly(
             release_lock(client, run_id, task_id)
             return NightlyStart("nothing_new", skipped=unchanged, delivered_late=delivered)
         result = enqueue_run(
-            celery_app, client, str(scan.images_dir), pictures, config.model, sha, run_id
+            celery_app,
+            client,
+            FolderSource(scan.images_dir).spec,
+            pictures,
+            config.model,
+            sha,
+            run_id,
         )
     except BaseException as exc:
         record_failure(client, f"run {run_id} did not start: {exc}")

@@ -21,6 +21,7 @@ from worker.keys import run_keys
 from worker.model import ModelError, check_model_file
 from worker.results import RunConflict, create_run, read_hash, run_userids, seal_run
 from worker.runs import publish_pictures, unsettled
+from worker.sources import FolderSource, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def reconcile_run(
     """Re-enqueue the run's unsettled userids; return how many were published."""
     keys = run_keys(run_id)
     meta = read_hash(client, keys.meta)
-    source = str(images_dir.resolve()) if images_dir else meta.get("source")
+    source = FolderSource(images_dir.resolve()).spec if images_dir else meta.get("source")
     model_path = model or (Path(meta["model"]) if "model" in meta else None)
     if source is None or model_path is None:
         raise ReconcileError(
@@ -54,7 +55,10 @@ def reconcile_run(
         raise ReconcileError(str(exc)) from None
     if images_dir is not None or not client.exists(keys.ids):
         # The id set may be lost or partial: the folder is the source of truth.
-        scan = scan_pictures(Path(source))
+        folder = parse_spec(source)
+        if not isinstance(folder, FolderSource):
+            raise ReconcileError(f"run {run_id} has no folder to rebuild its userids from")
+        scan = scan_pictures(folder.root)
         known = run_userids(client, run_id)
         missing = [(u, name) for u, name in scan.pictures if u not in known]
         if missing:

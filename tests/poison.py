@@ -26,29 +26,29 @@ from worker import app
 
 __all__ = ["app"]
 
-_real_prepare = scoring.prepare
+_real_prepare = scoring.prepare_bytes
 
 
-def _prepare(bundle: Any, item: tuple[str, Path]) -> scoring.Prepared:
-    if "poison" in item[0]:
+def _prepare(bundle: Any, userid: str, data: bytes, version: str = "") -> scoring.Prepared:
+    if "poison" in userid:
         os._exit(137)
-    return _real_prepare(bundle, item)
+    return _real_prepare(bundle, userid, data, version)
 
 
-scoring.prepare = _prepare
+scoring.prepare_bytes = _prepare
 
 
 # A userid containing "explode" makes the scoring of its batch raise, as a bug would.
-_real_score_pictures = batching.score_pictures
+_real_score_fetched = batching.score_fetched
 
 
-def _score_pictures(bundle: Any, items: Sequence[tuple[str, Path]], size: int) -> Any:
-    if any("explode" in userid for userid, _ in items):
+def _score_fetched(bundle: Any, items: Sequence[scoring.Fetched], size: int) -> Any:
+    if any("explode" in userid for userid, _, _ in items):
         raise RuntimeError("a bug in scoring")
-    return _real_score_pictures(bundle, items, size)
+    return _real_score_fetched(bundle, items, size)
 
 
-batching.score_pictures = _score_pictures
+batching.score_fetched = _score_fetched
 
 # A userid containing "flaky" meets a refused Redis write the first FLAKY_FAULTS times it
 # is recorded (counted in Redis, across pool processes): requeues, not deaths.
@@ -76,15 +76,15 @@ def sleepy_pids(userid: str) -> Path:
     return Path(tempfile.gettempdir()) / f"{userid}.pids"
 
 
-_prepare_before_sleepy = scoring.prepare
+_prepare_before_sleepy = scoring.prepare_bytes
 
 
-def _sleepy_prepare(bundle: Any, item: tuple[str, Path]) -> scoring.Prepared:
-    if "sleepy" in item[0]:
-        with sleepy_pids(item[0]).open("a") as handle:
+def _sleepy_prepare(bundle: Any, userid: str, data: bytes, version: str = "") -> scoring.Prepared:
+    if "sleepy" in userid:
+        with sleepy_pids(userid).open("a") as handle:
             handle.write(f"{os.getpid()}\n")
         time.sleep(SLEEPY_SECONDS)
-    return _prepare_before_sleepy(bundle, item)
+    return _prepare_before_sleepy(bundle, userid, data, version)
 
 
-scoring.prepare = _sleepy_prepare
+scoring.prepare_bytes = _sleepy_prepare

@@ -10,9 +10,13 @@ forward pass. The guarantees:
   is acknowledged and dropped.
 - Each delivery is counted; a userid already settled (a redelivery after the work was
   done) is skipped; a userid that appears twice in a batch is worked on once.
-- Every failure of one picture (unreadable, not a picture, not a regular file...) and of
-  the model (missing, tampered, unloadable, replaced since the run was enqueued) becomes
-  that picture's typed error record.
+- Pictures are fetched concurrently (``worker.fetch``: a folder's files, an object
+  store's objects, a manifest's URLs). Every failure of one picture (missing, forbidden,
+  too large, unreadable, not a picture, not a regular file...) and of the model
+  (missing, tampered, unloadable, replaced since the run was enqueued) becomes that
+  picture's typed error record. A store that does not answer is an outage: those
+  messages go back to the queue (a manifest URL's host that never answers becomes the
+  picture's error after ``MAX_UNAVAILABLE`` deliveries).
 - A worker process that dies (SIGKILL, OOM, hard time limit) is counted against its
   userids by the worker's main process (``worker.results.record_deaths``), as is an
   unexpected exception here: a userid suspected once is scored alone on its next
@@ -38,18 +42,20 @@ from typing import Any, TypeVar
 
 import redis
 
-from worker.ids import RUN_ID_RE, USERID_RE, InvalidUserid, describe, picture_userid
+from worker.fetch import Fetcher, Unavailable
+from worker.ids import RUN_ID_RE, USERID_RE, describe
 from worker.keys import model_loads
 from worker.model import ModelBundle, ModelCache, ModelError, default_tf_threads
 from worker.results import (
     CancelledRun,
     UnknownRun,
+    count_unavailable,
     mark_solo,
     record_deaths,
     record_outcomes,
     start_batch,
 )
-from worker.scoring import Failed, Outcome, score_pictures
+from worker.scoring import Failed, Fetched, Outcome, score_fetched
 from worker.settings import settings
 
 log = logging.getLogger(__name__)
@@ -63,7 +69,8 @@ REDIS_FAULTS = (
     redis.ResponseError,  # OOM and other refusals of a write
 )
 MAX_REFERENCE = 4096  # characters of a picture reference or model path
-ARG_NAMES = ("run_id", "userid", "picture", "model_path", "model_sha")
+ARG_NAMES = ("run_id", "userid", "picture", "model_path", "model_sha", "version")
+MAX_UNAVAILABLE = 3  # deliveries of a manifest URL whose host never answered, then an error
 
 
 class MalformedMessage(ValueError):
@@ -83,18 +90,20 @@ class ScoreRequest:
     picture: str  # an absolute path (a folder's picture) or a URL
     model_path: str
     model_sha: str
+    version: str  # the store's version token of the picture ("" for folders)
 
     @classmethod
     def from_args(
         cls, request_id: Any, args: Sequence[Any], kwargs: dict[str, Any]
     ) -> ScoreRequest:
-        """Check a task's ``(run_id, userid, picture, model_path, model_sha)`` arguments."""
+        """Check a task's ``(run_id, userid, picture, model_path, model_sha[, version])``."""
         if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
             raise MalformedMessage("arguments are not a list and a mapping")
         if len(args) > len(ARG_NAMES) or set(kwargs) - set(ARG_NAMES):
             raise MalformedMessage("unexpected arguments")
         values = dict(zip(ARG_NAMES, args, strict=False))
         values.update(kwargs)
+        values.setdefault("version", "")  # optional: only object stores have one
         for name in ARG_NAMES:
             value = values.get(name)
             if not isinstance(value, str):
@@ -111,6 +120,8 @@ class ScoreRequest:
         sha = values["model_sha"]
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise MalformedMessage(f"invalid model_sha {describe(sha)}")
+        if len(values["version"]) > 256:
+            raise MalformedMessage(f"invalid version {describe(values['version'])}")
         return cls(str(request_id), **{name: values[name] for name in ARG_NAMES})
 
 
@@ -149,14 +160,6 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def local_picture(picture: str, userid: str) -> Path:
-    """The file of a folder's picture; InvalidUserid unless it is ``<userid><ext>``."""
-    path = Path(picture)
-    if not path.is_absolute() or picture_userid(path.name) != userid:
-        raise InvalidUserid(f"{describe(picture)} is not a picture of {userid}")
-    return path
-
-
 def group_by_run(
     requests: Sequence[ScoreRequest],
 ) -> dict[tuple[str, str, str], list[ScoreRequest]]:
@@ -177,6 +180,7 @@ class BatchScorer:
         )
         self._reported_loads = 0
         self._batches = 0
+        self._fetcher: Fetcher | None = None
 
     def process(self, requests: Sequence[ScoreRequest]) -> BatchReply:
         """Score a batch and record every outcome; return what to ack and to requeue."""
@@ -184,8 +188,11 @@ class BatchScorer:
         for (run_id, model_path, model_sha), group in group_by_run(requests).items():
             ids = [r.request_id for r in group]
             try:
-                progress = self._process_group(run_id, Path(model_path), model_sha, group)
-                reply.ack += ids
+                progress, unavailable = self._process_group(
+                    run_id, Path(model_path), model_sha, group
+                )
+                reply.ack += [r.request_id for r in group if r.userid not in unavailable]
+                reply.requeue += [r.request_id for r in group if r.userid in unavailable]
                 if progress:
                     reply.progress[run_id] = progress
             except (UnknownRun, CancelledRun) as exc:
@@ -221,18 +228,22 @@ class BatchScorer:
 
     def _process_group(
         self, run_id: str, model_path: Path, model_sha: str, group: list[ScoreRequest]
-    ) -> tuple[int, int] | None:
-        """Score one run's requests and record them; the run's (settled, total) after."""
+    ) -> tuple[tuple[int, int] | None, set[str]]:
+        """Score one run's requests and record them.
+
+        Returns the run's (settled, total) after, and the userids to hand back to the
+        queue because their store did not answer.
+        """
         budget = settings.score_time_limit / 3
-        pictures = {r.userid: r.picture for r in group}  # a userid twice: worked on once
-        state = with_redis_retry(
+        pictures = {r.userid: r for r in group}  # a userid twice: worked on once
+        start = with_redis_retry(
             lambda: start_batch(self.client, run_id, list(pictures)), "starting a batch", budget
         )
         outcomes: list[Outcome] = []
-        fresh: list[tuple[str, Path]] = []
-        suspects: list[tuple[str, Path]] = []
-        for userid, picture in pictures.items():
-            delivery = state[userid]
+        fresh: list[ScoreRequest] = []
+        suspects: list[ScoreRequest] = []
+        for userid, req in pictures.items():
+            delivery = start.deliveries[userid]
             if delivery.settled:
                 continue  # redelivered after the work was done: counted, not redone
             if delivery.deaths >= settings.max_deliveries:
@@ -247,42 +258,89 @@ class BatchScorer:
                     )
                 )
                 continue
-            try:
-                path = local_picture(picture, userid)
-            except InvalidUserid as exc:
-                outcomes.append(Failed(userid, "invalid_reference", str(exc)))
-                continue
-            (suspects if delivery.deaths else fresh).append((userid, path))
+            (suspects if delivery.deaths else fresh).append(req)
         model: ModelBundle | Failed | None = None
         if fresh or suspects:
             model = self._model(model_path, model_sha)
         if isinstance(model, Failed):
-            outcomes += [Failed(u, model.kind, model.message) for u, _ in fresh + suspects]
+            outcomes += [Failed(r.userid, model.kind, model.message) for r in fresh + suspects]
             fresh, suspects = [], []
         sha = model.sha256 if isinstance(model, ModelBundle) else model_sha
+        unavailable: set[str] = set()
         if fresh and isinstance(model, ModelBundle):
-            outcomes += score_pictures(model, fresh, settings.batch_size)
+            fetched, failed, unavailable = self._fetch(run_id, start.source, fresh, budget)
+            outcomes += failed + score_fetched(model, fetched, settings.batch_size)
         progress = None
         if outcomes:
             progress = with_redis_retry(
                 lambda: record_outcomes(self.client, run_id, sha, outcomes), "recording", budget
             )
-        for userid, path in suspects:
+        for req in suspects:
             assert isinstance(model, ModelBundle)  # suspects are cleared without a model
-            progress = self._score_alone(run_id, model, userid, path, budget)
-        return progress
+            progress, lost = self._score_alone(run_id, start.source, model, req, budget)
+            unavailable |= lost
+        return progress, unavailable
+
+    def _fetch(
+        self, run_id: str, source: str, requests: Sequence[ScoreRequest], budget: float
+    ) -> tuple[list[Fetched], list[Outcome], set[str]]:
+        """The requests' pictures, fetched concurrently: what to score, what failed, and
+        the userids whose store did not answer (handed back to the queue).
+
+        A store that does not answer is an outage, never the picture's error; but a
+        manifest's URL may name any host, so after ``max_deliveries`` deliveries of a
+        URL that never answered, that picture gets the error.
+        """
+        items = [(r.userid, r.picture) for r in requests]
+        versions = {r.userid: r.version for r in requests}
+        fetched: list[Fetched] = []
+        down: list[tuple[str, Unavailable]] = []
+        for userid, _, got in self.fetcher.fetch_pictures(items):
+            if isinstance(got, Unavailable):
+                down.append((userid, got))
+            else:
+                fetched.append((userid, got, versions[userid]))
+        failed: list[Outcome] = []
+        if down and source.startswith("manifest:"):
+            counts = with_redis_retry(
+                lambda: count_unavailable(self.client, run_id, [u for u, _ in down]),
+                "counting",
+                budget,
+            )
+            given_up = {u for (u, _), n in zip(down, counts, strict=True) if n >= MAX_UNAVAILABLE}
+            failed = [Failed(u, exc.kind, exc.message) for u, exc in down if u in given_up]
+            down = [(u, exc) for u, exc in down if u not in given_up]
+        if down:
+            log.warning(
+                "run %s: %d pictures unavailable (%s): handed back to the queue",
+                run_id,
+                len(down),
+                down[0][1],
+            )
+        return fetched, failed, {u for u, _ in down}
 
     def _score_alone(
-        self, run_id: str, bundle: ModelBundle, userid: str, path: Path, budget: float
-    ) -> tuple[int, int]:
+        self, run_id: str, source: str, bundle: ModelBundle, req: ScoreRequest, budget: float
+    ) -> tuple[tuple[int, int] | None, set[str]]:
         """Score a suspected picture on its own, marked so that a death blames it alone."""
-        with_redis_retry(lambda: mark_solo(self.client, run_id, userid), "marking", budget)
-        outcome = score_pictures(bundle, [(userid, path)], 1)
-        return with_redis_retry(
+        with_redis_retry(lambda: mark_solo(self.client, run_id, req.userid), "marking", budget)
+        fetched, failed, unavailable = self._fetch(run_id, source, [req], budget)
+        outcome = failed + score_fetched(bundle, fetched, 1)
+        if not outcome:
+            return None, unavailable
+        progress = with_redis_retry(
             lambda: record_outcomes(self.client, run_id, bundle.sha256, outcome),
             "recording",
             budget,
         )
+        return progress, unavailable
+
+    @property
+    def fetcher(self) -> Fetcher:
+        """This process's fetcher (created on first use, after the pool forked)."""
+        if self._fetcher is None:
+            self._fetcher = Fetcher()
+        return self._fetcher
 
     def _report_loads(self) -> None:
         """Count model loads per process in Redis (the benchmark checks one per process)."""

@@ -51,10 +51,12 @@ class ScoreTask:
     picture: str
     model_path: str
     model_sha: str
+    version: str = ""  # the store's version token of the picture, from the listing
 
     def args(self) -> list[str]:
         """The task's positional arguments, in ``worker.batching.ARG_NAMES`` order."""
-        return [self.run_id, self.userid, self.picture, self.model_path, self.model_sha]
+        args = [self.run_id, self.userid, self.picture, self.model_path, self.model_sha]
+        return [*args, self.version] if self.version else args
 
 
 class TaskMessages:

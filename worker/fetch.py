@@ -463,6 +463,8 @@ class Fetcher:
             except Unavailable as exc:
                 down.setdefault(store, exc)
                 return exc
+            except Exception as exc:  # anything else one picture raises is its own error
+                return PictureError("fetch_failed", f"{type(exc).__name__}: {_reason(exc)}")
 
         pending: deque[tuple[tuple[Source, PictureRef], Future[Fetched]]] = deque()
         todo = iter(pairs)

@@ -54,14 +54,3 @@ def picture_userid(name: str, extensions: tuple[str, ...] = PICTURE_EXTENSIONS) 
 def picture_path(images_dir: Path, userid: str) -> Path:
     """``<images_dir>/<userid>.jpg``: the training set's naming (the course's format)."""
     return images_dir / f"{check_userid(userid)}.jpg"
-
-
-def picture_ref(source: str, name: str) -> str:
-    """The picture reference a message carries: ``name`` within ``source``.
-
-    ``source`` is a run's folder (an absolute path) or URL prefix; ``name`` is what the
-    run stores per userid (relative to the source, or itself absolute: a URL or a path).
-    """
-    if "://" in name or name.startswith("/"):
-        return name
-    return f"{source.rstrip('/')}/{name}"

@@ -72,15 +72,15 @@ return {settled, total}
 # KEYS: meta ids pred err tries ; ARGV: ttl uid*
 # A batch begins: count one delivery of each userid and return, per userid, whether it
 # is settled already (a redelivery after the work was done: counted as skipped) and how
-# many deaths of a worker process it is suspected of. -1: the run is unknown (deleted,
-# expired, or lost by Redis); -2: the run is cancelled.
+# many deaths of a worker process it is suspected of, after the run's source spec.
+# -1: the run is unknown (deleted, expired, or lost by Redis); -2: the run is cancelled.
 _START = (
     _TOUCH
     + """
 local meta, pred, err, tries = KEYS[1], KEYS[3], KEYS[4], KEYS[5]
 if redis.call('EXISTS', meta) == 0 then return {-1} end
 if redis.call('HGET', meta, 'cancelled') then return {-2} end
-local out = {}
+local out = {redis.call('HGET', meta, 'source') or ''}
 for i = 2, #ARGV do
   local uid = ARGV[i]
   redis.call('HINCRBY', tries, uid, 1)
@@ -270,21 +270,38 @@ class Delivery:
     deaths: int  # worker-process deaths it is suspected of
 
 
-def start_batch(client: redis.Redis, run_id: str, userids: Sequence[str]) -> dict[str, Delivery]:
+@dataclass(frozen=True)
+class BatchStart:
+    """A starting batch of one run: the run's source spec and each userid's delivery."""
+
+    source: str
+    deliveries: dict[str, Delivery]
+
+
+def start_batch(client: redis.Redis, run_id: str, userids: Sequence[str]) -> BatchStart:
     """Count one more delivery of each userid; return where each stands.
 
     Raises UnknownRun or CancelledRun: such a run's messages are dropped.
     """
     keys = run_keys(run_id)
     reply = _run_script(client, _START, keys.all(), [_ttl(), *userids])
-    if reply and int(reply[0]) == -1:
+    if isinstance(reply[0], int) and reply[0] == -1:
         raise UnknownRun(run_id)
-    if reply and int(reply[0]) == -2:
+    if isinstance(reply[0], int) and reply[0] == -2:
         raise CancelledRun(run_id)
-    return {
-        userid: Delivery(bool(int(reply[2 * n])), int(reply[2 * n + 1]))
+    deliveries = {
+        userid: Delivery(bool(int(reply[1 + 2 * n])), int(reply[2 + 2 * n]))
         for n, userid in enumerate(userids)
     }
+    return BatchStart(str(reply[0]), deliveries)
+
+
+def count_unavailable(client: redis.Redis, run_id: str, userids: Sequence[str]) -> list[int]:
+    """Count one more time each userid's picture was unavailable; return the counts."""
+    pipe = client.pipeline(transaction=False)
+    for userid in userids:
+        pipe.hincrby(run_keys(run_id).tries, f"{userid}:unavailable", 1)
+    return [int(count) for count in pipe.execute()]
 
 
 def mark_solo(client: redis.Redis, run_id: str, userid: str) -> None:

@@ -14,16 +14,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import redis
 from celery import Celery
 
 from worker.broker import ScoreTask, broker_is_redis, publish_scores, run_in_flight
-from worker.ids import picture_ref
 from worker.keys import repair_lock, repair_progress, run_keys, runs_index
 from worker.results import run_userids
 from worker.settings import settings
+from worker.sources import picture_string
 
 log = logging.getLogger(__name__)
 CHUNK = 1000
@@ -37,16 +37,25 @@ def publish_pictures(
     pictures: Sequence[tuple[str, str]],
     progress: Callable[[int], None] | None = None,
     record: bool = True,
+    versions: Mapping[str, str] | None = None,
 ) -> None:
     """Publish the ``(userid, name)`` pictures of a run, then (``record``) add them to its
-    id set, a chunk at a time, with the run's source and model from its metadata."""
+    id set, a chunk at a time, with the run's source and model from its metadata.
+
+    ``versions`` (userid -> the store's version token from the listing) travel with the
+    messages, for ``--only-new`` on object stores.
+    """
     meta = client.hmget(run_keys(run_id).meta, ["source", "model", "model_sha"])
-    source, model, sha = (str(v) if v is not None else "" for v in meta)
-    if not (source and model and sha):
+    spec, model, sha = (str(v) if v is not None else "" for v in meta)
+    if not (spec and model and sha):
         raise LookupError(f"run {run_id} has no source or model in Redis")
+    versions = versions or {}
     for start in range(0, len(pictures), CHUNK):
         chunk = pictures[start : start + CHUNK]
-        tasks = [ScoreTask(run_id, u, picture_ref(source, name), model, sha) for u, name in chunk]
+        tasks = [
+            ScoreTask(run_id, u, picture_string(spec, name), model, sha, versions.get(u, ""))
+            for u, name in chunk
+        ]
         publish_scores(app, tasks)
         if record:
             client.hset(run_keys(run_id).ids, mapping=dict(chunk))

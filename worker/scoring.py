@@ -80,25 +80,34 @@ def content_digest(data: bytes) -> str:
 Prepared = tuple[NDArray[np.uint8], str] | Failed
 
 
-def prepare(bundle: ModelBundle, item: tuple[str, Path]) -> Prepared:
-    """Read and decode one ``(userid, path)``: its pixels and digest, or a Failed."""
-    userid, path = item
+def prepare_bytes(bundle: ModelBundle, userid: str, data: bytes, version: str = "") -> Prepared:
+    """Decode one picture's bytes: its pixels and what marks it as scored (the store's
+    ``version`` token when the message carried one, else a digest of its content)."""
     try:
-        data = load_picture(path)
-        return pixels(data, bundle.size_wh), content_digest(data)
+        return pixels(data, bundle.size_wh), version or content_digest(data)
     except PictureError as exc:
         return Failed(userid, exc.kind, exc.message)
     except Exception as exc:  # anything else one picture raises is still its own error
         return Failed(userid, "decode_failed", f"{type(exc).__name__}: {exc}"[:300])
 
 
+def prepare(bundle: ModelBundle, item: tuple[str, Path]) -> Prepared:
+    """Read and decode one ``(userid, path)``: its pixels and digest, or a Failed."""
+    userid, path = item
+    try:
+        data = load_picture(path)
+    except PictureError as exc:
+        return Failed(userid, exc.kind, exc.message)
+    return prepare_bytes(bundle, userid, data)
+
+
 def infer(
     bundle: ModelBundle,
-    items: Sequence[tuple[str, Path]],
+    userids: Sequence[str],
     prepared: Sequence[Prepared],
     batch_size: int,
 ) -> list[Outcome]:
-    """Forward passes over prepared pictures: one outcome per item, in order."""
+    """Forward passes over prepared pictures: one outcome per userid, in order."""
     outcomes: list[Outcome | None] = [e if isinstance(e, Failed) else None for e in prepared]
     ready = [(i, e) for i, e in enumerate(prepared) if not isinstance(e, Failed)]
     if ready:
@@ -108,15 +117,31 @@ def infer(
         except Exception as exc:  # the model failed on these inputs: their error, not a crash
             reason = f"{type(exc).__name__}: {exc}"[:300]
             for index, _ in ready:
-                outcomes[index] = Failed(items[index][0], "inference_failed", reason)
+                outcomes[index] = Failed(userids[index], "inference_failed", reason)
         else:
             for (index, (_, digest)), value in zip(ready, raw, strict=True):
-                outcomes[index] = to_outcome(bundle, items[index][0], float(value), digest)
+                outcomes[index] = to_outcome(bundle, userids[index], float(value), digest)
     return [o for o in outcomes if o is not None]  # every slot is filled by now
+
+
+# A fetched picture: (userid, its bytes or why it could not be read, version token).
+Fetched = tuple[str, bytes | PictureError, str]
+
+
+def score_fetched(bundle: ModelBundle, items: Sequence[Fetched], batch_size: int) -> list[Outcome]:
+    """Score fetched pictures; the result has one outcome per item, in order."""
+    prepared = [
+        Failed(userid, data.kind, data.message)
+        if isinstance(data, PictureError)
+        else prepare_bytes(bundle, userid, data, version)
+        for userid, data, version in items
+    ]
+    return infer(bundle, [userid for userid, _, _ in items], prepared, batch_size)
 
 
 def score_pictures(
     bundle: ModelBundle, items: Sequence[tuple[str, Path]], batch_size: int
 ) -> list[Outcome]:
     """Score ``(userid, path)`` pairs; the result has one outcome per item, in order."""
-    return infer(bundle, items, [prepare(bundle, item) for item in items], batch_size)
+    prepared = [prepare(bundle, item) for item in items]
+    return infer(bundle, [userid for userid, _ in items], prepared, batch_size)

@@ -62,14 +62,10 @@ class FolderSource:
         return f"folder:{self.root}"
 
     def path_of(self, name: str, extensions: Sequence[str] | None = None) -> Path:
-        """The file of picture ``name``, refusing a name or a link that leaves the folder."""
+        """The file of picture ``name``, refusing a name that leaves the folder (a link
+        is never followed: ``worker.preprocess.load_picture`` refuses it)."""
         check_name(name, extensions)
-        path = self.root / name
-        if path.is_symlink():
-            resolved = path.resolve()
-            if resolved.parent != self.root.resolve():
-                raise SourceError(f"{name} links outside {self.root}")
-        return path
+        return self.root / name
 
 
 @dataclass(frozen=True)
@@ -192,6 +188,20 @@ class PictureRef:
         if version is not None and (not isinstance(version, str) or len(version) > 256):
             raise SourceError(f"picture reference of {userid} has an invalid version")
         return cls(userid, name, size, version)
+
+
+def picture_string(spec: str, name: str) -> str:
+    """The picture a message carries: ``name`` within the run's source ``spec``.
+
+    A folder's file as an absolute path, a prefix's object as its URL, a manifest's
+    picture as its own URL (``name`` already is one). ``split_picture`` reads it back.
+    """
+    source = parse_spec(spec)
+    if isinstance(source, FolderSource):
+        return str(source.root / name)
+    if isinstance(source, PrefixSource):
+        return source.url_of(name)
+    return name
 
 
 def split_picture(picture: str) -> tuple[FolderSource | ManifestSource, str]:

@@ -147,8 +147,8 @@ def test_hostile_messages_are_dropped_before_anything_is_stored(
     assert set(redis_client.hkeys(keys.pred)) == {good}
     errors = redis_client.hgetall(keys.err)
     assert {u: e.split(":")[0] for u, e in errors.items()} == {
-        "victim1": "invalid_reference",
-        "victim2": "invalid_reference",
+        "victim1": "invalid_reference",  # a path that is not <userid>.<ext>
+        "victim2": "blocked_url",  # neither an absolute path nor an allowed URL
     }
     # Nothing of a malformed message was stored: no tries, no run named "None" or "xxx...".
     assert set(redis_client.hkeys(keys.tries)) == {good, "victim1", "victim2"}

@@ -4,8 +4,9 @@ Flower runs as ``celery -A worker flower`` against the test Redis, with its cred
 in ``FLOWER_BASIC_AUTH`` as docker-compose.yml passes them; a scoring worker and a
 training worker are up; a small ``genderscore score --wait`` job runs; Flower's HTTP API
 then shows both workers, both queues and every batch of score tasks with its run,
-userids and progress. The project's exporter shows the run's counts and the queues. A headless Chromium (Debian's
-``chromium``; missing, the test fails) takes screenshots of the dashboard (into
+userids and progress. The project's exporter shows the run's counts and the queues. A
+headless Chromium (Debian's ``chromium``; missing, the test fails) takes screenshots of
+the dashboard (into
 ``GENDERSCORE_SCREENSHOT_DIR`` when set, e.g. docs/img, to refresh the README's).
 """
 

@@ -71,7 +71,7 @@ def test_a_model_retrained_in_place_is_reloaded_and_never_mixed(
             create_run(
                 world.client,
                 "stale",
-                {"source": str(folder), "model": str(model), "model_sha": old_sha},
+                {"source": f"folder:{folder}", "model": str(model), "model_sha": old_sha},
             )
             uid = sorted(p.stem for p in folder.iterdir())[0]
             publish_scores(
@@ -121,7 +121,7 @@ def test_a_producer_interrupted_mid_publish_is_completed_by_running_it_again(
     make_pictures(folder, 12, size=(48, 48))
     model = Path(world.env["GENDERSCORE_MODEL"])
     scan = scan_pictures(folder)
-    source, sha = str(scan.images_dir), check_model_file(model)
+    source, sha = f"folder:{scan.images_dir}", check_model_file(model)
 
     def interrupt(count: int) -> None:
         raise KeyboardInterrupt  # Ctrl-C after the first chunk
