@@ -84,6 +84,8 @@ def celery_config(s: Settings) -> dict[str, Any]:
     redis_broker = is_redis_url(s.effective_broker_url)
     return {
         "broker_url": s.effective_broker_url,
+        # Redis: kombu's transport, taking a batch of messages per round trip.
+        "broker_transport": "worker.redis_transport:Transport" if redis_broker else None,
         "result_backend": s.redis_url,  # training progress and results only
         "broker_transport_options": transport_options(s) if redis_broker else {},
         "result_backend_transport_options": {"global_keyprefix": prefix()},

@@ -114,6 +114,7 @@ def test_a_producer_interrupted_mid_publish_is_completed_by_running_it_again(
 ) -> None:
     from producer import enqueue
     from producer.scan import scan_pictures
+    from worker import runs
     from worker.celery import app
     from worker.model import check_model_file
 
@@ -126,7 +127,7 @@ def test_a_producer_interrupted_mid_publish_is_completed_by_running_it_again(
     def interrupt(count: int) -> None:
         raise KeyboardInterrupt  # Ctrl-C after the first chunk
 
-    with world.patched(), mock.patch.object(enqueue, "CHUNK", 5):
+    with world.patched(), mock.patch.object(runs, "CHUNK", 5):
         with pytest.raises(KeyboardInterrupt):
             enqueue.enqueue_run(
                 app,

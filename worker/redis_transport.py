@@ -1,0 +1,113 @@
+"""kombu's Redis transport, taking a batch's worth of messages per round trip.
+
+kombu's Redis channel takes one message per ``BRPOP``, then records it as
+unacknowledged with a second round trip (``ZADD`` to the unacked index, ``HSET`` of the
+message): two round trips and a new client object per message, in the worker's one
+main process. This channel keeps that first ``BRPOP`` (it is what waits for work), then,
+while the queue holds more and prefetch allows, takes up to ``GENDERSCORE_BATCH_SIZE``
+messages at once with one Lua script that pops them and records them as
+unacknowledged in the same atomic step: kombu's own unacked index and hash, so
+acknowledgement, requeue and restore work unchanged.
+
+The script also narrows celery/celery#7950: a message it takes is never popped without
+being recorded (only the first, ``BRPOP``'d one is, as in kombu). Selected by
+``worker.celery`` for a Redis broker.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import QoS as VirtualQoS
+from kombu.utils.json import loads
+
+from worker.settings import settings
+
+# KEYS: queue, unacked hash, unacked index ; ARGV: count, now
+# Pops up to `count` messages from the queue's tail (the same end as BRPOP) and records
+# each as kombu does: unacked[tag] = [message, exchange, routing_key], index[tag] = now.
+_TAKE = """
+local popped = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+if not popped then return {} end
+for _, raw in ipairs(popped) do
+  local message = cjson.decode(raw)
+  local props = message['properties']
+  local info = props['delivery_info'] or {}
+  local tag = props['delivery_tag']
+  redis.call('HSET', KEYS[2], tag,
+    cjson.encode({message, info['exchange'] or '', info['routing_key'] or ''}))
+  redis.call('ZADD', KEYS[3], ARGV[2], tag)
+end
+return popped
+"""
+
+
+class Channel(kombu_redis.Channel):
+    """A Redis channel that delivers up to a batch of messages per round trip."""
+
+    take_max = 0  # set from the settings by Transport
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._consumers_of: dict[str, Any] = {}  # queue -> the consumer's own callback
+        self._take_script: Any = None
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str | None, **kwargs: Any
+    ) -> Any:
+        """Consume as kombu does; remember the callback to deliver taken messages to."""
+        if not no_ack:
+            self._consumers_of[queue] = callback
+        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        """Stop consuming; taken messages are no longer delivered to that queue."""
+        queue = self._tag_to_queue.get(consumer_tag)
+        if queue is not None:
+            self._consumers_of.pop(queue, None)
+        return super().basic_cancel(consumer_tag)
+
+    def _brpop_read(self, **options: Any) -> Any:
+        delivered = super()._brpop_read(**options)  # type: ignore[misc]
+        if delivered:
+            self._take_more()
+        return delivered
+
+    def _take_more(self) -> None:
+        """Take what the queues hold, up to prefetch and a batch, in one round trip each."""
+        for queue, callback in list(self._consumers_of.items()):
+            room = self.qos.can_consume_max_estimate()
+            count = min(self.take_max, room if room is not None else self.take_max)
+            if count <= 0:
+                return
+            for raw in self._take(queue, count):
+                payload = loads(raw)
+                message = self.Message(payload, channel=self)
+                VirtualQoS.append(self.qos, message, str(message.delivery_tag))
+                callback(message)
+
+    def _take(self, queue: str, count: int) -> list[Any]:
+        prefix = self.global_keyprefix or ""
+        with self.conn_or_acquire() as client:
+            plain = redis.Redis(connection_pool=client.connection_pool)
+            if self._take_script is None:
+                self._take_script = plain.register_script(_TAKE)
+            keys = [
+                prefix + self._q_for_pri(queue, 0),  # type: ignore[attr-defined]
+                prefix + self.unacked_key,
+                prefix + self.unacked_index_key,
+            ]
+            return list(self._take_script(keys=keys, args=[count, time.time()], client=plain))
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with ``Channel`` above."""
+
+    Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        Channel.take_max = max(1, settings.batch_size)
