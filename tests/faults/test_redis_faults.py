@@ -1,4 +1,6 @@
-"""Redis restarted, killed, unreachable or full mid-run: the run ends complete, nothing evicted."""
+"""Redis killed without persistence, or full, mid-run: the run ends complete, nothing evicted.
+
+(Redis restarted with AOF and unreachable for 30 s, on both brokers: test_broker_faults.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import FaultEnv, redis_server
-from tests.helpers import make_pictures
+from tests.helpers import make_pictures, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -19,40 +21,7 @@ def _world(tmp_path: Path, port: int, model: Path, **overrides: str) -> FaultEnv
 
 def _wait_progress(world: FaultEnv, run_id: str, count: int, timeout: float = 60) -> None:
     keys = world.keys(run_id)
-    deadline = time.monotonic() + timeout
-    while world.client.hlen(keys.pred) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def test_redis_restart_with_aof_loses_nothing(tmp_path: Path, tiny_model: Path) -> None:
-    folder = tmp_path / "pictures"
-    make_pictures(folder, 600, size=(48, 48))
-    data = tmp_path / "redis-data"
-    aof = ("--appendonly", "yes", "--appendfsync", "everysec")
-    with redis_server(data, None, *aof) as (port, server):
-        world = _world(tmp_path, port, tiny_model)
-        with world.worker("w"):
-            follower = world.cli_background(
-                "score",
-                str(folder),
-                "--run-id",
-                "aof-run",
-                "--wait",
-                "--out",
-                str(tmp_path / "out.csv"),
-                "--timeout",
-                "200",
-            )
-            _wait_progress(world, "aof-run", 100)
-            world.client.shutdown()  # a clean restart: AOF flushed
-            server.wait(10)
-            with redis_server(data, port, *aof):
-                stdout, stderr = follower.communicate(timeout=240)
-                assert follower.returncode == 0, stderr
-                pred, err = world.settled("aof-run")
-                assert len(pred) == 600 and not err
-    rows = (tmp_path / "out.csv").read_text().splitlines()
-    assert len(rows) == 601
+    wait_until(lambda: world.client.hlen(keys.pred) >= count, timeout, f"{count} predictions")
 
 
 def test_redis_lost_without_persistence_then_reconcile(tmp_path: Path, tiny_model: Path) -> None:
@@ -71,6 +40,8 @@ def test_redis_lost_without_persistence_then_reconcile(tmp_path: Path, tiny_mode
                 out = tmp_path / "out.csv"
                 short = world.cli("collect", "lost-run", "--out", str(out), check=False)
                 assert short.returncode != 0 and not out.exists()
+                # Redis lost the run: collect says so, it does not write a short CSV.
+                assert "lost-run" in short.stderr and "Traceback" not in short.stderr
                 fixed = world.cli(
                     "reconcile", "lost-run", "--images", str(folder), "--model", str(tiny_model)
                 )
@@ -79,43 +50,6 @@ def test_redis_lost_without_persistence_then_reconcile(tmp_path: Path, tiny_mode
                 world.cli("collect", "lost-run", "--out", str(out))
     userids = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
     assert len(userids) == len(set(userids)) == 400
-
-
-def test_redis_unreachable_for_30s_retries_instead_of_errors(
-    tmp_path: Path, tiny_model: Path
-) -> None:
-    folder = tmp_path / "pictures"
-    make_pictures(folder, 800, size=(48, 48))
-    data = tmp_path / "redis-data"
-    aof = ("--appendonly", "yes", "--appendfsync", "always")
-    with redis_server(data, None, *aof) as (port, server):
-        world = _world(tmp_path, port, tiny_model)
-        with world.worker("w") as worker:
-            follower = world.cli_background(
-                "score",
-                str(folder),
-                "--run-id",
-                "outage-run",
-                "--wait",
-                "--out",
-                str(tmp_path / "out.csv"),
-                "--timeout",
-                "250",
-            )
-            _wait_progress(world, "outage-run", 100)
-            world.client.shutdown()
-            server.wait(10)
-            time.sleep(30)
-            with redis_server(data, port, *aof):
-                back = time.monotonic()
-                _wait_progress(world, "outage-run", 700, timeout=60)
-                consuming_again_in = time.monotonic() - back
-                _, stderr = follower.communicate(timeout=200)
-                assert follower.returncode == 0, stderr[-2000:]
-                pred, err = world.settled("outage-run")
-            assert worker.poll() is None
-    assert len(pred) == 800 and not err, list(err.values())[:3]
-    assert consuming_again_in < 60
 
 
 def test_redis_full_fails_loudly_and_evicts_nothing(tmp_path: Path, tiny_model: Path) -> None:
@@ -136,9 +70,9 @@ def test_redis_full_fails_loudly_and_evicts_nothing(tmp_path: Path, tiny_model: 
             client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 4096)
             refused = world.cli("score", str(folder), "--run-id", "full-run-2", check=False)
             assert refused.returncode != 0 and "Redis is full (OOM" in refused.stderr
-            deadline = time.monotonic() + 30
-            while first.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.5)
+            # The worker cannot acknowledge on a full Redis: it stops, loudly.
+            returncode = first.wait(60)
+            assert returncode != 0, "the worker kept running on a full Redis"
             pred, err = world.settled("full-run")
             assert len(pred) < 300, "Redis did not fill up"
         assert "OutOfMemoryError" in world.logs[-1].read_text(errors="replace")
