@@ -230,16 +230,34 @@ def check_h5_config(model_path: Path, data: bytes | None = None) -> None:
         raise ModelError(f"{model_path} contains {', '.join(bad)} layers (arbitrary code): refused")
 
 
-def check_model_file(model_path: Path) -> str:
+@dataclass(frozen=True)
+class CheckedModel:
+    """A model file read once and checked: its resolved path, metadata, bytes, sha256."""
+
+    path: Path
+    meta: ModelMetadata | None
+    data: bytes
+    sha256: str
+
+
+def read_checked(model_path: Path) -> CheckedModel:
     """Everything checkable without TensorFlow: the name, the metadata's fields, the
-    sha256 against the metadata, plain HDF5 with no Lambda layers. Returns the sha256;
-    raises ModelError. A served name that links to a versioned model is resolved first."""
+    sha256 against the metadata, plain HDF5 with no Lambda layers; raises ModelError. A
+    served name that links to a versioned model is resolved first."""
     check_suffix(model_path)
-    model_path = model_path.resolve()
-    meta = read_metadata(model_path)
-    data = read_model_file(model_path)
-    sha = verify_model_bytes(model_path, data, meta)
-    check_h5_config(model_path, data)
+    path = model_path.resolve()
+    meta = read_metadata(path)
+    data = read_model_file(path)
+    sha = verify_model_bytes(path, data, meta)
+    check_h5_config(path, data)
+    return CheckedModel(path, meta, data, sha)
+
+
+def check_model_file(model_path: Path) -> str:
+    """``read_checked`` and the runtime's twin check (an explicit runtime needs it);
+    returns the sha256."""
+    checked = read_checked(model_path)
+    model_path, meta, sha = checked.path, checked.meta, checked.sha256
     from worker.runtime import check_runtime
 
     check_runtime(model_path, meta)
@@ -282,12 +300,8 @@ def _keras_load(model_path: Path, data: bytes) -> Any:
 
 def load_bundle(model_path: Path, tf_threads: int | None = None) -> ModelBundle:
     """Verify, check and load a model with its metadata (a link is resolved first)."""
-    check_suffix(model_path)
-    model_path = model_path.resolve()
-    meta = read_metadata(model_path)
-    data = read_model_file(model_path)
-    sha = verify_model_bytes(model_path, data, meta)
-    check_h5_config(model_path, data)
+    checked = read_checked(model_path)
+    model_path, meta, data, sha = checked.path, checked.meta, checked.data, checked.sha256
     from worker.runtime import load_model  # the verified compiled twin, or Keras
 
     def keras_model() -> Any:
