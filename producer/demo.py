@@ -148,10 +148,10 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
     from producer.enqueue import enqueue_run
     from producer.follow import follow_run
     from producer.scan import scan_pictures
-    from training.evaluate import evaluate, format_evaluation
     from training.sample import make_sample
     from training.train import train
     from worker.celery import app
+    from worker.evaluation import evaluate_files, format_evaluation
     from worker.model import check_model_file
     from worker.results import connect
     from worker.sources import FolderSource
@@ -187,5 +187,5 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
         follow_run(app, client, run.run_id, timeout=600)
         out = workdir / "out" / f"{run.run_id}.csv"
         collect(client, run.run_id, out)
-    summary = format_evaluation(evaluate(out, profile))
+    summary = format_evaluation(evaluate_files(out, profile))
     return DemoResult(out, model, run.run_id, summary)
