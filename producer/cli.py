@@ -39,6 +39,9 @@ _FAILURES: tuple[tuple[str, str, type[Failure]], ...] = (
     ("worker.settings", "SettingsError", BadInput),
     ("worker.results", "RedisUnavailable", Unreachable),
     ("kombu.exceptions", "OperationalError", Unreachable),
+    ("worker.broker", "BrokerRefused", Unreachable),
+    ("worker.fetch", "Unavailable", Unreachable),
+    ("producer.localredis", "LocalRedisError", Unreachable),
     ("worker.model", "ModelError", ModelProblem),
     ("producer.collect", "IncompleteRun", Incomplete),
     ("producer.collect", "LostIds", Incomplete),
@@ -48,6 +51,8 @@ _FAILURES: tuple[tuple[str, str, type[Failure]], ...] = (
     ("worker.labels", "LabelsError", BadInput),
     ("worker.ids", "InvalidUserid", BadInput),
     ("worker.evaluation", "EvaluationError", BadInput),
+    ("worker.sources", "SourceError", BadInput),
+    ("producer.manifest", "ManifestError", BadInput),
 )
 
 

@@ -281,8 +281,8 @@ def test_a_consumed_queue_gets_no_notice(score_worker: Path, tmp_path: Path) -> 
 def test_cancel_drops_queued_messages_workers_skip_the_rest_delete_removes_the_run(
     private: Private, tmp_path: Path
 ) -> None:
-    from producer.enqueue import publish
     from worker.celery import app
+    from worker.runs import publish_pictures
 
     a, b = tmp_path / "a", tmp_path / "b"
     a_ids = make_pictures(a, 6, start=100)
@@ -295,7 +295,8 @@ def test_cancel_drops_queued_messages_workers_skip_the_rest_delete_removes_the_r
     assert private.queue() == ["run-b"] * 5  # order kept, the other run untouched
     # Messages of the run that no queue filter reaches (already delivered, or on AMQP):
     with mock.patch.object(settings, "key_prefix", private.prefix):
-        publish(app, "run-a", sorted(a_ids), a.resolve(), Path(private.env["GENDERSCORE_MODEL"]))
+        pictures = [(u, f"{u}.jpg") for u in sorted(a_ids)]
+        publish_pictures(app, private.client, "run-a", pictures, record=False)
     log = tmp_path / "worker.log"
     with celery_worker("score", extra_env=private.env, log_path=log, name="ops"):
         deadline = time.monotonic() + 180
@@ -309,7 +310,7 @@ def test_cancel_drops_queued_messages_workers_skip_the_rest_delete_removes_the_r
     meta, ids, pred, err, tries = private.keys("run-a")
     assert not private.client.exists(pred, err, tries)  # skipped: not counted, not recorded
     assert private.client.hget(meta, "cancelled") == "1"
-    assert "run run-a is cancelled: " in log.read_text()
+    assert "run run-a is cancelled: dropping 6 messages" in log.read_text()
     listed = {r["run"]: r for r in json.loads(private.cli("runs", "list", "--json").stdout)}
     assert listed["run-a"]["state"] == "cancelled" and listed["run-a"]["done"] == 0
     assert listed["run-b"]["state"] == "finished" and listed["run-b"]["done"] == 5
@@ -320,12 +321,10 @@ def test_cancel_drops_queued_messages_workers_skip_the_rest_delete_removes_the_r
     assert status["queues"]["score"] == 0 and set(status) >= {"workers", "training", "at"}
     # A cancelled run is incomplete: collect refuses it (4) unless --partial.
     one_line_failure(private.cli("collect", "run-a", "--out", str(tmp_path / "a.csv")), 4)
-    # Delete: every key of the run and its index entry go; a short-lived tombstone stays.
+    # Delete: every key of the run and its index entry go.
     proc = private.cli("runs", "delete", "run-a", "--yes")
     assert proc.returncode == 0 and "run run-a deleted" in proc.stderr, proc.stderr
-    assert not private.client.exists(ids, pred, err, tries)
-    assert private.client.hgetall(meta).keys() == {"cancelled", "deleted_at"}
-    assert 0 < private.client.ttl(meta) <= 2 * settings.visibility_timeout
+    assert not private.client.exists(meta, ids, pred, err, tries)
     assert private.client.zscore(f"{private.prefix}:runs", "run-a") is None
     one_line_failure(private.cli("status", "run-a"), 2)
     listed = [r["run"] for r in json.loads(private.cli("runs", "list", "--json").stdout)]
@@ -341,7 +340,7 @@ def test_collect_writes_only_the_runs_ids_and_no_formula(
     run_id = f"cells-{uuid.uuid4().hex[:6]}"
     own = ["-A1", "u1", "u2", "+x"]
     create_run(redis_client, run_id, {"model_sha": "a" * 64, "model": "m.h5"})
-    redis_client.sadd(run_keys(run_id).ids, *own)
+    redis_client.hset(run_keys(run_id).ids, mapping={u: f"{u}.jpg" for u in own})
     outcomes = [
         Scored("-A1", 0.9, "female"),
         Scored("u1", 0.2, "male"),
