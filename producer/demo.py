@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import redis
 
 from producer.localredis import LOOPBACK_HOSTS, LocalRedisError, start_server
+from worker.results import RedisUnavailable  # exit 3 from the CLI
 from worker.settings import settings
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,16 @@ def ensure_redis(url: str, workdir: Path) -> Iterator[None]:
         yield
         return
     if parts.hostname not in LOOPBACK_HOSTS or parts.username or parts.password:
-        raise RuntimeError(
+        raise RedisUnavailable(
             f"no Redis answers at {where} (GENDERSCORE_REDIS_URL): start it; the demo starts"
             " one itself only for a local URL without credentials (redis://localhost:6379/0)"
         )
     if parts.scheme != "redis":
-        raise RuntimeError(f"no Redis answers at {where}: the demo starts no TLS server")
+        raise RedisUnavailable(f"no Redis answers at {where}: the demo starts no TLS server")
     try:
         server = start_server(parts.port or 6379, workdir=workdir)
     except LocalRedisError as exc:
-        raise RuntimeError(
+        raise RedisUnavailable(
             f"no Redis answers at {where} and none could be started: {exc}"
         ) from None
     log.info(

@@ -331,6 +331,33 @@ def test_cancel_drops_queued_messages_workers_skip_the_rest_delete_removes_the_r
     assert listed == ["run-b"]
 
 
+@pytest.mark.slow
+def test_cancel_on_rabbitmq_leaves_the_queue_and_workers_skip_the_run(
+    private: Private, tmp_path: Path, rabbitmq_url: str
+) -> None:
+    private.env["GENDERSCORE_BROKER_URL"] = rabbitmq_url
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_pictures(a, 4, start=300)
+    make_pictures(b, 3, start=400)
+    for run_id, folder in (("amqp-a", a), ("amqp-b", b)):
+        assert private.cli("score", str(folder), "--run-id", run_id).returncode == 0
+    proc = private.cli("runs", "cancel", "amqp-a")
+    assert proc.returncode == 0, proc.stderr
+    assert "queued messages stay on the broker, workers skip them" in proc.stderr
+    log = tmp_path / "worker.log"
+    with celery_worker("score", extra_env=private.env, log_path=log, name="amqp"):
+        deadline = time.monotonic() + 180
+        while private.client.hlen(private.keys("amqp-b")[2]) < 3:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        while "run amqp-a is cancelled: dropping" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+    meta, _, pred, err, tries = private.keys("amqp-a")
+    assert not private.client.exists(pred, err, tries)
+    assert private.client.hget(meta, "cancelled") == "1"
+
+
 # --- CSV files ----------------------------------------------------------------------------
 
 
