@@ -233,6 +233,7 @@ def score(
     if local:
         from producer.collect import write_outputs
         from producer.local import score_local
+
         data = score_local(model_path, scan.images_dir, scan.pictures)
         target = out or Path("out") / "local.csv"
         written = write_outputs(data, target)
