@@ -1,12 +1,19 @@
 """The ``genderscore`` command: one click group, one verb per job.
 
-Scoring verbs (score, collect, report, status, reconcile) import neither TensorFlow nor the
-training package, except ``score --local``, which scores in-process. The training
-verbs (train, evaluate) import ``training`` when they run.
+Scoring verbs (score, collect, report, status, reconcile, runs) import neither
+TensorFlow nor the training package, except ``score --local``, which scores
+in-process. The training verbs (train, evaluate) import ``training`` when they run.
+Importing this module reads no setting: ``--help``, ``--version`` and usage errors
+work whatever the environment holds, and a command that needs an invalid setting
+fails with one line and exit status 2.
+
+Every failure is one line and an exit code of its kind (``worker.exits``): the
+group translates the exceptions of the layers below (``_FAILURES``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -15,72 +22,172 @@ from typing import TYPE_CHECKING, Any
 import click
 import redis
 
+from worker.exits import BadInput, Failure, Incomplete, ModelProblem, Unreachable
 from worker.settings import SettingsError
 
 if TYPE_CHECKING:
     from producer.collect import RunData
+    from worker.settings import Settings
 
 log = logging.getLogger("genderscore")
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+_HELP_ASKED = "genderscore.help_asked"
+
+# Exceptions of the layers below -> the failure they are for the user, found by name so
+# that a module is never imported just to test an exception against its class.
+_FAILURES: tuple[tuple[str, str, type[Failure]], ...] = (
+    ("worker.settings", "SettingsError", BadInput),
+    ("worker.results", "RedisUnavailable", Unreachable),
+    ("kombu.exceptions", "OperationalError", Unreachable),
+    ("worker.broker", "BrokerRefused", Unreachable),
+    ("worker.fetch", "Unavailable", Unreachable),
+    ("producer.localredis", "LocalRedisError", Unreachable),
+    ("worker.model", "ModelError", ModelProblem),
+    ("producer.collect", "IncompleteRun", Incomplete),
+    ("producer.collect", "LostIds", Incomplete),
+    ("producer.follow", "RunCancelled", Incomplete),
+    ("worker.results", "UnknownRun", BadInput),
+    ("worker.results", "RunConflict", BadInput),
+    ("worker.labels", "LabelsError", BadInput),
+    ("worker.ids", "InvalidUserid", BadInput),
+    ("worker.evaluation", "EvaluationError", BadInput),
+    ("worker.sources", "SourceError", BadInput),
+    ("producer.manifest", "ManifestError", BadInput),
+)
 
 
-def _settings() -> Any:
-    try:
-        from worker.settings import settings
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-    return settings
+def _failure(exc: BaseException) -> Failure | None:
+    """The user-facing failure for ``exc``, or None for a bug (its traceback is shown)."""
+    if isinstance(exc, redis.OutOfMemoryError):
+        return Unreachable(
+            f"Redis is full (OOM: {exc}); nothing was evicted. Free memory or raise "
+            "maxmemory, then run the command again (`genderscore reconcile` repairs a run)"
+        )
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return Unreachable(
+            f"lost the connection to Redis ({exc}); run the command again once it is back "
+            "(`genderscore reconcile RUN_ID` re-enqueues what a run is missing)"
+        )
+    if isinstance(exc, TimeoutError):
+        return Incomplete(str(exc))
+    reconcile = sys.modules.get("producer.reconcile")
+    if reconcile is not None and isinstance(exc, reconcile.ReconcileError):
+        # reconcile_run reports a bad model as a ReconcileError raised from a ModelError.
+        model = sys.modules.get("worker.model")
+        bad_model = model is not None and isinstance(exc.__context__, model.ModelError)
+        return (ModelProblem if bad_model else BadInput)(str(exc))
+    for module, name, failure in _FAILURES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            if module == "kombu.exceptions":
+                message = f"cannot reach the broker: {exc}"
+            return failure(message)
+    return None
+
+
+def _settings() -> Settings:
+    """The settings (SettingsError, which the group turns into exit 2, when invalid)."""
+    import worker.settings as settings_module
+
+    return settings_module.settings
 
 
 def _redis() -> redis.Redis:
-    from worker.results import RedisUnavailable, connect_checked
+    from worker.results import connect_checked
 
     _settings()
-    try:
-        return connect_checked()
-    except RedisUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+    return connect_checked()
+
+
+def _say(message: str) -> None:
+    """A line for the operator on stderr (a log record with JSON logs)."""
+    from worker.logs import json_logging
+
+    if json_logging():
+        log.info("%s", message)
+    else:
+        click.echo(message, err=True)
 
 
 def _report_skipped(skipped: list[tuple[str, str]]) -> None:
     if not skipped:
         return
-    click.echo(f"skipped {len(skipped)} files:", err=True)
+    _say(f"skipped {len(skipped)} files:")
     for name, reason in skipped[:50]:
-        click.echo(f"  {name!a}: {reason}", err=True)
+        _say(f"  {name!a}: {reason}")
     if len(skipped) > 50:
-        click.echo(f"  ... and {len(skipped) - 50} more", err=True)
+        _say(f"  ... and {len(skipped) - 50} more")
+
+
+def _json_out(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
 class Cli(click.Group):
-    """The command group; Redis faults become one clear line, not a traceback."""
+    """The command group: each failure becomes one line and its exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the command, translating Redis errors into messages a user can act on."""
+        """Run the command, translating errors into messages a user can act on."""
+        # Whether a command's help is asked for: main() then tolerates invalid settings.
+        ctx.meta[_HELP_ASKED] = bool(set(ctx.args) & set(CONTEXT["help_option_names"]))
         try:
             return super().invoke(ctx)
-        except redis.OutOfMemoryError as exc:
-            raise click.ClickException(
-                f"Redis is full (OOM: {exc}); nothing was evicted. Free memory or raise "
-                "maxmemory, then run the command again (`genderscore reconcile` repairs a run)"
-            ) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise click.ClickException(
-                f"lost the connection to Redis ({exc}); run the command again once it is back "
-                "(`genderscore reconcile RUN_ID` re-enqueues what a run is missing)"
-            ) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            failure = _failure(exc)
+            if failure is None:
+                raise
+            raise failure from None
 
 
-@click.group(cls=Cli)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genderscore")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@click.group(cls=Cli, context_settings=CONTEXT)
+@click.version_option(_version(), "-V", "--version", prog_name="genderscore")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
-    """genderscore: predict gender from profile pictures with a Keras CNN."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("absl", "tensorflow", "h5py", "PIL", "matplotlib"):  # their INFO is noise
-        logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "absl" else logging.WARNING)
+    """genderscore: predict gender from profile pictures with a Keras CNN.
+
+    Exit codes: 0 done, 2 usage or bad input, 3 Redis or the broker unreachable,
+    4 run incomplete or wait timed out, 5 model problem, 1 anything else.
+    """
+    from worker.logs import configure, quiet_native_logs
+    from worker.settings import unknown_variables
+
+    quiet_native_logs()
+    try:
+        fmt = _settings().log_format
+    except SettingsError:
+        configure("text", verbose)
+        if not click.get_current_context().meta.get(_HELP_ASKED):
+            raise  # every command needs the settings; a command's --help does not
+        return
+    configure(fmt, verbose)
+    for warning in unknown_variables():
+        log.warning("%s", warning)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
+def config(as_json: bool) -> None:
+    """The settings in force, each with its source (environment or default)."""
+    from producer.status import table
+    from worker.settings import describe
+
+    rows = list(describe(_settings()))
+    if as_json:
+        _json_out({name: {"value": value, "source": source} for name, value, source in rows})
+        return
+    click.echo(table(["variable", "value", "source"], [list(row) for row in rows]))
 
 
 @main.command()
@@ -94,6 +201,11 @@ def main(verbose: bool) -> None:
     "--only-new", is_flag=True, help="Skip pictures this model already scored, unchanged."
 )
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Accept a folder with no picture (refused by default: a share that failed to mount).",
+)
 def score(
     images_dir: Path,
     model: Path | None,
@@ -103,6 +215,7 @@ def score(
     local: bool,
     only_new: bool,
     timeout: float | None,
+    allow_empty: bool,
 ) -> None:
     """Score every <userid>.jpg (.jpeg, .png, .webp) of IMAGES_DIR; prints the run id."""
     from producer.scan import scan_pictures
@@ -111,73 +224,62 @@ def score(
     model_path = model or settings.model
     scan = scan_pictures(images_dir)
     _report_skipped(scan.skipped)
+    if not scan.userids and not allow_empty:
+        raise BadInput(
+            f"no picture to score in {images_dir} ({len(scan.skipped)} other files): "
+            "refusing an empty run (is the folder mounted?); pass --allow-empty if it is "
+            "expected"
+        )
     if local:
         from producer.collect import write_outputs
         from producer.local import score_local
-        from worker.model import ModelError
 
-        try:
-            data = score_local(model_path, scan.images_dir, scan.pictures)
-        except ModelError as exc:
-            raise click.ClickException(str(exc)) from None
+        data = score_local(model_path, scan.images_dir, scan.pictures)
         target = out or Path("out") / "local.csv"
         written = write_outputs(data, target)
-        click.echo(
-            f"scored {written.scored}, errors {written.errors}: {written.csv_path}", err=True
-        )
+        _say(f"scored {written.scored}, errors {written.errors}: {written.csv_path}")
         click.echo(str(written.csv_path))
         return
     from producer.enqueue import enqueue_run
+    from producer.follow import no_consumer_notice
     from producer.newness import only_new_pictures
+    from producer.status import score_consumers
     from worker.celery import app
-    from worker.model import ModelError, check_model_file
-    from worker.results import RunConflict
+    from worker.model import check_model_file
     from worker.sources import FolderSource
 
-    try:
-        sha = check_model_file(model_path)
-    except ModelError as exc:
-        raise click.ClickException(str(exc)) from None
+    sha = check_model_file(model_path)
     client = _redis()
     pictures = scan.pictures
     if only_new:
         pictures, unchanged = only_new_pictures(client, sha, scan.images_dir, pictures)
-        click.echo(
-            f"--only-new: {unchanged} pictures already scored by this model, skipped", err=True
-        )
-    try:
-        result = enqueue_run(
-            app, client, FolderSource(scan.images_dir).spec, pictures, model_path, sha, run_id
-        )
-    except RunConflict as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(
+        _say(f"--only-new: {unchanged} pictures already scored by this model, skipped")
+    source = FolderSource(scan.images_dir).spec
+    result = enqueue_run(app, client, source, pictures, model_path, sha, run_id)
+    _say(
         f"run {result.run_id}: {result.published} tasks enqueued"
-        + (f", {result.already_in_run} already in the run" if result.already_in_run else ""),
-        err=True,
+        + (f", {result.already_in_run} already in the run" if result.already_in_run else "")
     )
     click.echo(result.run_id)
     if wait:
         _wait_and_collect(client, result.run_id, out, timeout)
+    elif result.published:
+        notice = no_consumer_notice(lambda: score_consumers(timeout=2.0))
+        if notice:
+            _say(notice.replace("; still waiting", ": the run waits for one"))
 
 
 def _wait_and_collect(
     client: redis.Redis, run_id: str, out: Path | None, timeout: float | None
 ) -> None:
-    from producer.collect import IncompleteRun, collect
+    from producer.collect import collect
     from producer.follow import follow_run
     from worker.celery import app
 
-    try:
-        follow_run(app, client, run_id, timeout=timeout)
-    except TimeoutError as exc:
-        raise click.ClickException(str(exc)) from None
+    follow_run(app, client, run_id, timeout=timeout)
     target = out or Path("out") / f"{run_id}.csv"
-    try:
-        written = collect(client, run_id, target)
-    except IncompleteRun as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"scored {written.scored}, errors {written.errors}: {written.csv_path}", err=True)
+    written = collect(client, run_id, target)
+    _say(f"scored {written.scored}, errors {written.errors}: {written.csv_path}")
 
 
 @main.command(name="collect")
@@ -214,10 +316,8 @@ def collect_cmd(
 ) -> None:
     """Write the user-profile CSV of RUN_ID (and <name>.errors.csv beside it), the course's
     <userid>.xml files, or both."""
-    from producer.collect import IncompleteRun, write_outputs
+    from producer.collect import write_outputs
     from producer.course_xml import read_baseline, write_course_xml
-    from worker.ids import InvalidUserid
-    from worker.labels import LabelsError
 
     if out is None and xml_dir is None:
         raise click.UsageError("give --out CSV, --xml DIR, or both")
@@ -226,28 +326,24 @@ def collect_cmd(
     if xml_dir is None and baseline is not None:
         raise click.UsageError("--baseline is for the XML files: it needs --xml")
     client = _redis()
-    try:
-        chosen = read_baseline(baseline) if baseline else None
-        data = _load_run(client, run_id, partial)
-        if out is not None:
-            written = write_outputs(data, out, profiles)
-            click.echo(
-                f"scored {written.scored}, errors {written.errors}"
-                + (f", missing {written.missing}" if written.missing else "")
-                + f": {written.csv_path} ({written.errors_path.name})",
-                err=True,
-            )
-            click.echo(str(written.csv_path))
-        if xml_dir is not None:
-            count = write_course_xml(data, xml_dir, chosen)
-            click.echo(f"{count} XML files in {xml_dir}", err=True)
-            click.echo(str(xml_dir))
-    except (IncompleteRun, KeyError, LabelsError, InvalidUserid) as exc:
-        raise click.ClickException(str(exc).strip("'\"")) from None
+    chosen = read_baseline(baseline) if baseline else None
+    data = _load_run(client, run_id, partial)
+    if out is not None:
+        written = write_outputs(data, out, profiles)
+        _say(
+            f"scored {written.scored}, errors {written.errors}"
+            + (f", missing {written.missing}" if written.missing else "")
+            + f": {written.csv_path} ({written.errors_path.name})"
+        )
+        click.echo(str(written.csv_path))
+    if xml_dir is not None:
+        count = write_course_xml(data, xml_dir, chosen)
+        _say(f"{count} XML files in {xml_dir}")
+        click.echo(str(xml_dir))
 
 
 def _load_run(client: redis.Redis, run_id: str, partial: bool) -> RunData:
-    """The run's data; an incomplete run is refused unless ``partial``."""
+    """The run's data; an unknown run is refused, an incomplete one unless ``partial``."""
     from producer.collect import IncompleteRun, load_run
 
     data = load_run(client, run_id)
@@ -272,48 +368,46 @@ def _load_run(client: redis.Redis, run_id: str, partial: bool) -> RunData:
 @click.option("--partial", is_flag=True, help="Report on a run that is not complete yet.")
 def report(run_id: str, labels: Path | None, out: Path, partial: bool) -> None:
     """Write an HTML report of RUN_ID: facts, plots, errors and, with --labels, accuracy."""
-    from producer.collect import IncompleteRun
     from producer.report import build_report
-    from worker.labels import LabelsError, read_labels
+    from worker.labels import read_labels
     from worker.model import ModelError, read_metadata
 
     client = _redis()
-    try:
-        data = _load_run(client, run_id, partial)
-        model_meta = None
-        if data.meta.get("model"):
-            try:
-                metadata = read_metadata(Path(data.meta["model"]))
-                model_meta = metadata.model_dump() if metadata else None
-            except ModelError as exc:
-                log.warning("%s", exc)
-        if model_meta is None:
-            log.warning(
-                "no metadata for model %s: created_at and validation accuracy unknown",
-                data.meta.get("model", "?"),
-            )
-        genders = None
-        if labels is not None:
-            parsed = read_labels(labels)
-            if parsed.skipped:
-                click.echo(f"{labels}: {len(parsed.skipped)} rows skipped", err=True)
-            genders = parsed.genders
-        path = build_report(
-            data, out, genders, model_meta, labels_name=labels.name if labels else None
+    data = _load_run(client, run_id, partial)
+    model_meta = None
+    if data.meta.get("model"):
+        try:
+            metadata = read_metadata(Path(data.meta["model"]))
+            model_meta = metadata.model_dump() if metadata else None
+        except ModelError as exc:
+            log.warning("%s", exc)
+    if model_meta is None:
+        log.warning(
+            "no metadata for model %s: created_at and validation accuracy unknown",
+            data.meta.get("model", "?"),
         )
-    except (IncompleteRun, KeyError, LabelsError) as exc:
-        raise click.ClickException(str(exc).strip("'\"")) from None
+    genders = None
+    if labels is not None:
+        parsed = read_labels(labels)
+        if parsed.skipped:
+            _say(f"{labels}: {len(parsed.skipped)} rows skipped")
+        genders = parsed.genders
+    path = build_report(data, out, genders, model_meta, labels_name=labels.name if labels else None)
     click.echo(str(path))
 
 
 @main.command()
 @click.argument("run_id", required=False)
 @click.option("--limit", default=10, show_default=True, help="Runs to show.")
-def status(run_id: str | None, limit: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+def status(run_id: str | None, limit: int, as_json: bool) -> None:
     """Runs (total / done / errors / pending), queues, workers and training tasks."""
-    from producer.status import render_status
+    from producer.status import render_status, status_record
 
-    click.echo(render_status(_redis(), run_id, limit))
+    if as_json:
+        _json_out(status_record(_redis(), run_id, limit))
+    else:
+        click.echo(render_status(_redis(), run_id, limit))
 
 
 @main.command()
@@ -324,17 +418,82 @@ def status(run_id: str | None, limit: int) -> None:
     help="Picture folder, when Redis lost the run's metadata.",
 )
 @click.option("--model", type=click.Path(path_type=Path), help="Model, when Redis lost it.")
-def reconcile(run_id: str, images: Path | None, model: Path | None) -> None:
+@click.option(
+    "--recreate",
+    is_flag=True,
+    help="The run is not in Redis any more (lost): create it again from --images and --model.",
+)
+def reconcile(run_id: str, images: Path | None, model: Path | None, recreate: bool) -> None:
     """Re-enqueue every userid of RUN_ID with neither a prediction nor an error."""
-    from producer.reconcile import ReconcileError, reconcile_run
+    from producer.reconcile import reconcile_run
+    from producer.runs import run_exists
     from worker.celery import app
 
-    try:
-        count = reconcile_run(app, _redis(), run_id, images, model)
-    except ReconcileError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"run {run_id}: {count} userids re-enqueued", err=True)
+    client = _redis()
+    if not run_exists(client, run_id):
+        if not recreate:
+            raise BadInput(
+                f"no run {run_id!r} in Redis: if Redis lost it, pass --recreate with "
+                "--images DIR and --model PATH (`genderscore runs list` shows the runs there are)"
+            )
+        if images is None or model is None:
+            raise click.UsageError("--recreate needs --images DIR and --model PATH")
+    count = reconcile_run(app, client, run_id, images, model)
+    _say(f"run {run_id}: {count} userids re-enqueued")
     click.echo(str(count))
+
+
+@main.group(context_settings=CONTEXT)
+def runs() -> None:
+    """List, cancel or delete runs."""
+
+
+@runs.command(name="list")
+@click.option("--limit", default=20, show_default=True, help="Newest runs to list.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, for scripts.")
+def runs_list(limit: int, as_json: bool) -> None:
+    """The newest runs: state, counts, model, start and end."""
+    from producer.runs import newest_runs, run_record, run_state
+    from producer.status import run_row, table
+
+    found = newest_runs(_redis(), limit)
+    if as_json:
+        _json_out([run_record(counts) for counts in found])
+        return
+    if not found:
+        click.echo("no runs")
+        return
+    header = ["run", "state", "total", "done", "errors", "pending", "model", "started", "finished"]
+    rows = []
+    for counts in found:
+        row = run_row(counts)
+        rows.append([row[0], run_state(counts), *row[1:]])
+    click.echo(table(header, rows))
+
+
+@runs.command(name="cancel")
+@click.argument("run_id")
+def runs_cancel(run_id: str) -> None:
+    """Cancel RUN_ID: drop its queued messages; workers skip the rest."""
+    from producer.runs import cancel_run
+
+    done = cancel_run(_redis(), run_id)
+    if done.dropped is None:
+        _say(f"run {run_id} cancelled: its queued messages stay on the broker, workers skip them")
+    else:
+        _say(f"run {run_id} cancelled: {done.dropped} queued messages dropped")
+
+
+@runs.command(name="delete")
+@click.argument("run_id")
+@click.confirmation_option(prompt="Delete the run's predictions and errors from Redis?")
+def runs_delete(run_id: str) -> None:
+    """Delete RUN_ID: cancel it, then remove its keys and its entry in the runs list."""
+    from producer.runs import delete_run
+
+    done = delete_run(_redis(), run_id)
+    dropped = "" if done.dropped is None else f", {done.dropped} queued messages dropped"
+    _say(f"run {run_id} deleted{dropped}")
 
 
 @main.command()
@@ -354,10 +513,10 @@ def demo(workdir: Path, count: int, epochs: int) -> None:
     try:
         result = run_demo(workdir.resolve(), count, epochs)
     except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(result.summary, err=True)
-    click.echo(f"model: {result.model_path}", err=True)
-    click.echo(f"run {result.run_id}: scored CSV written to", err=True)
+        raise (_failure(exc) or Failure(str(exc))) from None
+    _say(result.summary)
+    _say(f"model: {result.model_path}")
+    _say(f"run {result.run_id}: scored CSV written to")
     click.echo(str(result.csv_path))
 
 
@@ -370,14 +529,11 @@ def demo(workdir: Path, count: int, epochs: int) -> None:
 )
 def promote(model: Path, served: Path | None) -> None:
     """Serve MODEL, a trained version in the models folder: GENDERSCORE_MODEL links to it."""
-    from worker.model import ModelError, promote_model
+    from worker.model import promote_model
 
     target = served or _settings().model
-    try:
-        sha = promote_model(model, target)
-    except ModelError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"{target} -> {model.name} (sha256 {sha[:12]})", err=True)
+    sha = promote_model(model, target)  # a ModelError exits 5
+    _say(f"{target} -> {model.name} (sha256 {sha[:12]})")
 
 
 def _register_training() -> None:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import redis
 
 from producer.localredis import LOOPBACK_HOSTS, LocalRedisError, start_server
+from worker.results import RedisUnavailable  # exit 3 from the CLI
 from worker.settings import settings
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,16 @@ def ensure_redis(url: str, workdir: Path) -> Iterator[None]:
         yield
         return
     if parts.hostname not in LOOPBACK_HOSTS or parts.username or parts.password:
-        raise RuntimeError(
+        raise RedisUnavailable(
             f"no Redis answers at {where} (GENDERSCORE_REDIS_URL): start it; the demo starts"
             " one itself only for a local URL without credentials (redis://localhost:6379/0)"
         )
     if parts.scheme != "redis":
-        raise RuntimeError(f"no Redis answers at {where}: the demo starts no TLS server")
+        raise RedisUnavailable(f"no Redis answers at {where}: the demo starts no TLS server")
     try:
         server = start_server(parts.port or 6379, workdir=workdir)
     except LocalRedisError as exc:
-        raise RuntimeError(
+        raise RedisUnavailable(
             f"no Redis answers at {where} and none could be started: {exc}"
         ) from None
     log.info(
@@ -148,10 +149,10 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
     from producer.enqueue import enqueue_run
     from producer.follow import follow_run
     from producer.scan import scan_pictures
-    from training.evaluate import evaluate, format_evaluation
     from training.sample import make_sample
     from training.train import train
     from worker.celery import app
+    from worker.evaluation import evaluate_files, format_evaluation
     from worker.model import check_model_file
     from worker.results import connect
     from worker.sources import FolderSource
@@ -187,5 +188,5 @@ def run_demo(workdir: Path, count: int = 400, epochs: int = 6) -> DemoResult:
         follow_run(app, client, run.run_id, timeout=600)
         out = workdir / "out" / f"{run.run_id}.csv"
         collect(client, run.run_id, out)
-    summary = format_evaluation(evaluate(out, profile))
+    summary = format_evaluation(evaluate_files(out, profile))
     return DemoResult(out, model, run.run_id, summary)

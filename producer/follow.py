@@ -1,4 +1,10 @@
-"""Following a run: a live progress line until every userid is settled."""
+"""Following a run: a live progress line until every userid is settled.
+
+While it waits it asks the workers, every ``CONSUMERS_EVERY`` seconds, which of them
+consume the score queue, and says so when none does (a run with no worker never
+ends, and silence is the worst answer); it keeps waiting. A run cancelled meanwhile
+ends the wait (``RunCancelled``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from typing import TextIO
 import redis
 from celery import Celery
 
+from worker.celery import SCORE_QUEUE
+from worker.logs import json_logging
 from worker.results import RunCounts, run_counts
 from worker.runs import repair_stalled
 
@@ -18,6 +26,28 @@ log = logging.getLogger(__name__)
 # Without progress for this long, userids lost in transit are enqueued again (only when
 # the queue is empty and no delivered message of the run is unacknowledged).
 STALL_SECONDS = 60.0
+# How often the workers are asked whether one consumes the queue: the first time at
+# once, so that "no worker" is said within seconds, well inside 30 s.
+CONSUMERS_EVERY = 20.0
+NO_CONSUMER = (
+    f"no worker consumes the '{SCORE_QUEUE}' queue: start one "
+    f"(`celery -A worker worker -Q {SCORE_QUEUE}`); still waiting"
+)
+
+
+class RunCancelled(RuntimeError):
+    """The run was cancelled while it was followed."""
+
+
+def no_consumer_notice(consumers: Callable[[], list[str]]) -> str | None:
+    """NO_CONSUMER when no worker consumes the score queue; None when one does or the
+    broker cannot tell."""
+    try:
+        found = consumers()
+    except Exception as exc:  # the broker is down: following goes on, Redis has the run
+        log.debug("cannot ask the workers: %s", exc)
+        return None
+    return None if found else NO_CONSUMER
 
 
 def format_progress(counts: RunCounts, rate: float) -> str:
@@ -45,14 +75,26 @@ def wait_for_run(
     stream: TextIO | None = None,
     repair: Callable[[], int] | None = None,
     stall_after: float | None = None,
+    consumers: Callable[[], list[str]] | None = None,
 ) -> RunCounts:
     """Poll a run until it finishes (or ``timeout``), drawing a progress line on a TTY.
 
     When nothing has settled for ``stall_after`` seconds, ``repair`` is called (it
     re-enqueues userids lost in transit, see ``worker.runs.repair_stalled``).
+    ``consumers`` lists the workers consuming the score queue; when it finds none,
+    a line says so (once, until one appears).
     """
     out = stream or sys.stderr
     live = out.isatty()
+
+    def say(text: str) -> None:
+        if json_logging():
+            log.warning("%s", text)
+        else:
+            out.write(("\n" if live else "") + text + "\n")
+            out.flush()
+
+    next_ask, told = time.monotonic(), False
     start = time.monotonic()
     first = run_counts(client, run_id)
     base = first.done + first.errors
@@ -64,7 +106,7 @@ def wait_for_run(
             counts = run_counts(client, run_id)
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
             # Redis restarting: keep following; the run's state is in Redis, not here.
-            out.write(f"\nRedis unavailable ({exc}); still waiting\n")
+            say(f"Redis unavailable ({exc}); still waiting")
             time.sleep(2)
             if timeout is not None and time.monotonic() - start > timeout:
                 raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s") from None
@@ -76,15 +118,28 @@ def wait_for_run(
             out.write("\r" + line + "\x1b[K")
             out.flush()
         elif elapsed - last_print >= 10 or counts.finished:
-            out.write(line + "\n")
+            if json_logging():
+                log.info("run %s: %s", run_id, line)
+            else:
+                out.write(line + "\n")
             last_print = elapsed
+        if counts.meta.get("cancelled"):
+            if live:
+                out.write("\n")
+            raise RunCancelled(f"run {run_id} was cancelled: {line}")
+        if consumers is not None and not counts.finished and time.monotonic() >= next_ask:
+            next_ask = time.monotonic() + CONSUMERS_EVERY
+            notice = no_consumer_notice(consumers)
+            if notice and not told:
+                say(notice)
+            told = notice is not None
         settled = counts.done + counts.errors
         if settled != last_settled:
             last_settled, last_change = settled, time.monotonic()
         elif repair and stall_after and time.monotonic() - last_change > stall_after:
             requeued = repair()
             if requeued:
-                out.write(f"\nno progress for {stall_after:.0f}s: {requeued} userids re-enqueued\n")
+                say(f"no progress for {stall_after:.0f}s: {requeued} userids re-enqueued")
             last_change = time.monotonic()
         if counts.finished:
             if live:
@@ -100,11 +155,15 @@ def wait_for_run(
 def follow_run(
     app: Celery, client: redis.Redis, run_id: str, timeout: float | None = None
 ) -> RunCounts:
-    """``wait_for_run`` with the stall repair: how ``score --wait`` and the demo follow."""
+    """``wait_for_run`` with the stall repair and the consumer check: how ``score
+    --wait`` and the demo follow."""
+    from producer.status import score_consumers
+
     return wait_for_run(
         client,
         run_id,
         timeout=timeout,
         repair=lambda: repair_stalled(app, client, run_id),
         stall_after=STALL_SECONDS,
+        consumers=score_consumers,
     )

@@ -9,18 +9,29 @@ Redis on every scrape (no state of its own, so any number may run) and serves:
     genderscore_run_pending{run,model}       userids with neither yet
     genderscore_run_finished{run,model}      1 once every userid is settled
     genderscore_run_started_timestamp_seconds{run,model}
+    genderscore_run_errors_by_kind{run,model,kind}  error records by kind (model_error,
+                                             corrupt, missing, ...; any other "other")
     genderscore_queue_length{queue}          messages waiting (score, training)
     genderscore_queue_unacked{queue}         delivered, not yet acknowledged
     genderscore_nightly_running              1 while a nightly run holds its lock
+    genderscore_nightly_last_success_timestamp_seconds   when the last nightly run wrote
+                                             its CSV (absent until one did)
+    genderscore_nightly_last_failure_timestamp_seconds   when the last nightly run failed
+    genderscore_nightly_last_failure_info{reason}        1, with that failure's reason
     genderscore_redis_up                     0 when Redis did not answer the scrape
 
-Only the newest ``--runs`` runs are exported, to bound the number of series.
+Only the newest ``--runs`` runs are exported, to bound the number of series; error
+kinds are bounded too (a kind that is not a short lowercase word counts as "other").
+Alert on ``time() - genderscore_nightly_last_success_timestamp_seconds > 26 * 3600``:
+it fires whatever stopped the nightly run, beat included.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from collections import Counter
 from collections.abc import Iterator
 
 import click
@@ -28,11 +39,6 @@ import redis
 from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
-
-from worker.broker import queue_lengths
-from worker.celery import SCORE_QUEUE, TRAINING_QUEUE
-from worker.keys import nightly_lock, runs_index
-from worker.results import run_counts
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,19 @@ _RUN_GAUGES = {
     "finished": "1 once every userid of the sealed run is settled.",
     "started_timestamp_seconds": "When the run started (unix time).",
 }
+
+
+_KIND = re.compile(r"[a-z][a-z0-9_]{0,39}")
+REASON_CHARS = 200  # a failure reason is a label value: kept short
+
+
+def error_kinds(reasons: list[str]) -> Counter[str]:
+    """Error records by kind (``kind: message``), unknown shapes as ``other``."""
+    kinds: Counter[str] = Counter()
+    for reason in reasons:
+        kind = reason.split(":", 1)[0].strip()
+        kinds[kind if _KIND.fullmatch(kind) else "other"] += 1
+    return kinds
 
 
 class RunsCollector(Collector):
@@ -69,10 +88,20 @@ class RunsCollector(Collector):
         yield from families
 
     def _families(self) -> list[Metric]:
+        from worker.broker import queue_lengths
+        from worker.celery import SCORE_QUEUE, TRAINING_QUEUE
+        from worker.keys import nightly_lock, run_keys, runs_index
+        from worker.results import run_counts
+
         runs = {
             name: GaugeMetricFamily(f"genderscore_run_{name}", doc, labels=["run", "model"])
             for name, doc in _RUN_GAUGES.items()
         }
+        by_kind = GaugeMetricFamily(
+            "genderscore_run_errors_by_kind",
+            "Error records of the run by kind.",
+            labels=["run", "model", "kind"],
+        )
         for run_id in map(str, self.client.zrevrange(runs_index(), 0, self.runs - 1)):
             counts = run_counts(self.client, run_id)
             if not counts.meta:  # expired since it was listed
@@ -88,6 +117,10 @@ class RunsCollector(Collector):
             }
             for name, value in values.items():
                 runs[name].add_metric(labels, value)
+            if counts.errors:
+                reasons = [str(r) for r in self.client.hvals(run_keys(run_id).err)]
+                for kind, number in sorted(error_kinds(reasons).items()):
+                    by_kind.add_metric([*labels, kind], number)
         lengths = queue_lengths()
         waiting = GaugeMetricFamily(
             "genderscore_queue_length", "Messages waiting in the queue.", labels=["queue"]
@@ -104,7 +137,46 @@ class RunsCollector(Collector):
             "genderscore_nightly_running", "1 while a nightly run holds its lock."
         )
         nightly.add_metric([], int(bool(self.client.exists(nightly_lock()))))
-        return [*runs.values(), waiting, unacked, nightly]
+        return [*runs.values(), by_kind, waiting, unacked, nightly, *self._nightly_outcomes()]
+
+    def _nightly_outcomes(self) -> list[Metric]:
+        """The last nightly success and failure, from what the nightly run records."""
+        from worker.keys import nightly_last_failure, nightly_last_success
+
+        families: list[Metric] = []
+        success = _seconds(self.client.get(nightly_last_success()))
+        if success is not None:
+            last = GaugeMetricFamily(
+                "genderscore_nightly_last_success_timestamp_seconds",
+                "When the last nightly run wrote its CSV (unix time).",
+            )
+            last.add_metric([], success)
+            families.append(last)
+        failure = {str(k): str(v) for k, v in self.client.hgetall(nightly_last_failure()).items()}
+        failed_at = _seconds(failure.get("at"))
+        if failed_at is not None:
+            when = GaugeMetricFamily(
+                "genderscore_nightly_last_failure_timestamp_seconds",
+                "When the last nightly run failed (unix time).",
+            )
+            when.add_metric([], failed_at)
+            info = GaugeMetricFamily(
+                "genderscore_nightly_last_failure_info",
+                "1, labelled with the reason the last nightly run failed.",
+                labels=["reason"],
+            )
+            info.add_metric([failure.get("reason", "")[:REASON_CHARS]], 1)
+            families += [when, info]
+        return families
+
+
+def _seconds(value: object) -> float | None:
+    """A unix time stored as text, or None when absent or unreadable."""
+    try:
+        return float(str(value)) if value is not None else None
+    except ValueError:
+        log.warning("metrics: unreadable time %r in Redis", value)
+        return None
 
 
 def make_registry(client: redis.Redis, runs: int = 20) -> CollectorRegistry:

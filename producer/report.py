@@ -5,8 +5,9 @@ mail or archive) shows the run's facts, the histogram of ``p_female``, throughpu
 over the run, errors by type, a table of errors and, given labels, accuracy against
 the majority baseline, a confusion matrix and accuracy per confidence band.
 
-Numbers are computed by plain functions (``run_facts``, ``evaluate``), so what the
-page shows can be checked against the collected CSV. matplotlib is imported inside
+Numbers are computed by plain functions (``run_facts``, and ``worker.evaluation``'s
+``evaluate``, which ``genderscore evaluate`` uses too), so what the page shows can be
+checked against the collected CSV. matplotlib is imported inside
 the plotting functions and used through its object API with the Agg canvas: no
 pyplot state, no display needed.
 """
@@ -25,15 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from producer.collect import RunData, iso
+from producer.collect import RunData, iso, prediction_frame
+from worker.evaluation import GENDERS, Band, Evaluation, evaluate
 from worker.files import write_atomic
-from worker.labels import LabelsError
 from worker.results import Prediction
 
 log = logging.getLogger(__name__)
 
-GENDERS = ("female", "male")
-BAND_EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # |p_female - 0.5|
 ERROR_ROWS = 100  # errors listed in the table; the rest are counted
 
 
@@ -100,87 +99,10 @@ def run_facts(data: RunData, model_meta: Mapping[str, Any] | None = None) -> Run
     )
 
 
-@dataclass(frozen=True)
-class Band:
-    """Users whose |p_female - 0.5| lies in [low, high) (the last band includes 0.5)."""
-
-    low: float
-    high: float
-    users: int
-    correct: int
-
-    @property
-    def accuracy(self) -> float | None:
-        """Share of correct predictions in the band; None when it is empty."""
-        return self.correct / self.users if self.users else None
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Predictions compared with labels, on the users that have both."""
-
-    users: int
-    correct: int
-    majority_class: str
-    majority_users: int
-    confusion: dict[tuple[str, str], int]  # (true, predicted) -> users
-    bands: list[Band]
-    labels_total: int
-    labelled_errors: int  # labelled users whose picture could not be scored
-    unlabelled: int  # scored users without a label
-
-    @property
-    def accuracy(self) -> float:
-        """Share of labelled scored users predicted right."""
-        return self.correct / self.users
-
-    @property
-    def majority_accuracy(self) -> float:
-        """Accuracy of always predicting the majority class of the same users."""
-        return self.majority_users / self.users
-
-
-def band_index(p_female: float) -> int:
-    """Which confidence band a prediction falls in."""
-    distance = round(abs(p_female - 0.5), 6)  # p is stored to 6 decimals: 0.6 is band 0.1-0.2
-    for index in range(len(BAND_EDGES) - 2):
-        if distance < BAND_EDGES[index + 1]:
-            return index
-    return len(BAND_EDGES) - 2
-
-
-def evaluate(data: RunData, labels: Mapping[str, str]) -> Evaluation:
-    """Accuracy, majority baseline, confusion matrix and bands against ``labels``."""
-    pairs = [(labels[u], p) for u, p in data.predictions.items() if u in labels]
-    if not pairs:
-        raise LabelsError(
-            f"none of the {len(labels)} labelled userids was scored in run {data.run_id} "
-            f"({len(data.predictions)} scored): are these the labels of this run's pictures?"
-        )
-    confusion = {(t, g): 0 for t in GENDERS for g in GENDERS}
-    band_users = [0] * (len(BAND_EDGES) - 1)
-    band_correct = [0] * (len(BAND_EDGES) - 1)
-    for truth, prediction in pairs:
-        confusion[(truth, prediction.gender)] += 1
-        index = band_index(prediction.p_female)
-        band_users[index] += 1
-        band_correct[index] += truth == prediction.gender
-    truths = Counter(truth for truth, _ in pairs)
-    majority, majority_users = max(sorted(truths.items()), key=lambda item: item[1])
-    bands = [
-        Band(BAND_EDGES[i], BAND_EDGES[i + 1], band_users[i], band_correct[i])
-        for i in range(len(band_users))
-    ]
-    return Evaluation(
-        users=len(pairs),
-        correct=sum(confusion[(g, g)] for g in GENDERS),
-        majority_class=majority,
-        majority_users=majority_users,
-        confusion=confusion,
-        bands=bands,
-        labels_total=len(labels),
-        labelled_errors=sum(1 for u in data.errors if u in labels),
-        unlabelled=len(data.predictions) - len(pairs),
+def evaluate_run(data: RunData, labels: Mapping[str, str]) -> Evaluation:
+    """The run's predictions against ``labels`` (``worker.evaluation``)."""
+    return evaluate(
+        prediction_frame(data.predictions), labels, errors=data.errors, what=f"run {data.run_id}"
     )
 
 
@@ -477,7 +399,7 @@ def build_report(
         )
         model_meta = None
     facts = run_facts(data, model_meta)
-    result = evaluate(data, labels) if labels is not None else None
+    result = evaluate_run(data, labels) if labels is not None else None
     page = render_html(data, facts, result, labels_name)
     path = out_dir / "index.html"
     write_atomic(path, page.encode("utf-8"))

@@ -3,7 +3,9 @@
 Training runs here, or with ``--submit`` on a training worker, followed epoch by epoch.
 This module imports quickly: TensorFlow, Celery and the training code load inside the
 commands that need them. Label errors are ``worker.labels.LabelsError`` (the known
-exception to training's import rule, see ``training.data``).
+exception to training's import rule, see ``training.data``). Failures exit with the
+codes of ``worker.exits``: 2 for unusable labels or options, 3 when Redis is
+unreachable, 4 when following a submitted task timed out, 1 when training failed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import click
 
 from training.network import OPTIMIZERS
+from worker.exits import BadInput, Failure, Incomplete, ModelProblem, Unreachable
 
 POLL_SECONDS = 1.0
 WORKER_HINT_SECONDS = 10.0  # say how to start a training worker after this long PENDING
@@ -128,24 +131,26 @@ def train(
             )
         _submit(images_dir, labels_csv, name, options, timeout)
         return
+    try:
+        out = out or versioned_model_path(name)
+    except ModelError as exc:
+        raise ModelProblem(str(exc)) from None
+    served = settings.model
+    if out.absolute() in (served.absolute(), served.resolve()):
+        raise BadInput(
+            f"{out} is the served model: train a new version, then `genderscore promote` it"
+        )
+    from worker.logs import import_tensorflow
+
+    import_tensorflow()  # before training's imports, so that its C++ lines stay quiet
     from training.data import TrainingError
     from training.train import train as train_model
     from worker.labels import LabelsError
 
     try:
-        out = out or versioned_model_path(name)
-    except ModelError as exc:
-        raise click.ClickException(str(exc)) from None
-    served = settings.model
-    if out.absolute() in (served.absolute(), served.resolve()):
-        raise click.ClickException(
-            f"{out} is the served model: train a new version, then `genderscore promote` it"
-        )
-
-    try:
         result = train_model(images_dir, labels_csv, out, progress=_epoch_line(epochs), **options)
     except (LabelsError, TrainingError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
     for line in result.report.lines():
         click.echo(line, err=True)
     click.echo(
@@ -175,7 +180,7 @@ def _submit(
     try:  # fail here, not hours later on the worker
         read_labels(labels_csv)
     except LabelsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
     from worker.model import MODEL_NAME_RE
 
     if MODEL_NAME_RE.fullmatch(name) is None:
@@ -183,7 +188,7 @@ def _submit(
     try:
         client = connect_checked()
     except RedisUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Unreachable(str(exc)) from None
     # Absolute paths: the worker resolves them, not this shell's working directory.
     args = [str(images_dir.resolve()), str(labels_csv.resolve()), name]
     result = app.send_task(TASK_NAME, args=args, kwargs=options, queue=TRAINING_QUEUE)
@@ -229,7 +234,7 @@ def follow_training(
             click.echo(digest["summary"])
             return digest
         elif state in ("FAILURE", "REVOKED"):
-            raise click.ClickException(f"training task {result.id} {state.lower()}: {info}")
+            raise Failure(f"training task {result.id} {state.lower()}: {info}")
         elapsed = time.monotonic() - start
         if state == "PENDING" and not hinted and elapsed > WORKER_HINT_SECONDS:
             hinted = True
@@ -239,7 +244,7 @@ def follow_training(
                 err=True,
             )
         if timeout is not None and elapsed > timeout:
-            raise click.ClickException(
+            raise Incomplete(
                 f"training task {result.id} is still {state} after {timeout:g}s; it goes on "
                 "without you: see `genderscore status`"
             )
@@ -251,14 +256,13 @@ def follow_training(
 @click.argument("labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def evaluate(scored_csv: Path, labels_csv: Path) -> None:
     """Accuracy of SCORED_CSV (from collect) against LABELS_CSV, with the majority baseline."""
-    from training.evaluate import EvaluationError, format_evaluation
-    from training.evaluate import evaluate as run_evaluation
+    from worker.evaluation import EvaluationError, evaluate_files, format_evaluation
     from worker.labels import LabelsError
 
     try:
-        result = run_evaluation(scored_csv, labels_csv)
+        result = evaluate_files(scored_csv, labels_csv)
     except (LabelsError, EvaluationError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
     click.echo(format_evaluation(result))
 
 
@@ -285,6 +289,6 @@ def export(model: Path, precisions: tuple[str, ...], calibration: Path) -> None:
     try:
         meta = export_twin(model, calibration_dir=calibration, precisions=precisions or None)
     except (ExportError, ModelError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise ModelProblem(str(exc)) from None
     for line in describe(meta):
         click.echo(line)

@@ -1,13 +1,14 @@
 """The one place that knows which broker carries the scoring messages.
 
-Publishing a run, reading queue depths and finding a run's messages in flight differ
-by broker; everything else (producer, reconcile, the repair, status, metrics) calls
-these functions. With Redis as broker (``redis://``, ``rediss://``), messages are
-prebuilt Celery protocol-2 envelopes pushed a thousand per ``LPUSH``; queues and
-kombu's unacknowledged index live under the key prefix on the broker's Redis. With
-RabbitMQ (``amqp://``), the same messages go to durable quorum queues with publisher
-confirms; RabbitMQ returns a consumer's unacknowledged messages when its connection
-closes, so none is lost in transit and no repair is needed.
+Publishing a run, reading queue depths, finding a run's messages in flight and dropping
+a cancelled run's queued messages differ by broker; everything else (producer,
+reconcile, the repair, status, metrics, runs) calls these functions. With Redis as
+broker (``redis://``, ``rediss://``), messages are prebuilt Celery protocol-2
+envelopes pushed a thousand per ``LPUSH``; queues and kombu's unacknowledged index
+live under the key prefix on the broker's Redis. With RabbitMQ (``amqp://``), the same
+messages go to durable quorum queues with publisher confirms; RabbitMQ returns a
+consumer's unacknowledged messages when its connection closes, so none is lost in
+transit and no repair is needed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,50 @@ from worker.settings import settings
 SCORE_TASK = "genderscore.score"
 CHUNK = 1000
 CONFIRM_TIMEOUT = 30.0  # seconds to wait for the broker's confirms of a chunk
+
+
+# Drops the messages of one run from a kombu Redis queue (a list), in one atomic step.
+# A message is the run's when it is a score task whose JSON body, [[run_id, ...], ...],
+# starts with the bytes ARGV[2]: only the first few base64 characters are decoded.
+# KEYS: queue ; ARGV: task name, body prefix, base64 characters to decode
+_DROP_QUEUED = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
+local value = {}
+for i = 1, 64 do value[string.byte(alphabet, i)] = i - 1 end
+local function head(text, chars)
+  local out = {}
+  for i = 1, math.min(chars, #text) - 3, 4 do
+    local a, b = value[text:byte(i)], value[text:byte(i + 1)]
+    local c, d = value[text:byte(i + 2)], value[text:byte(i + 3)]
+    if a == nil or b == nil then break end
+    local n = a * 262144 + b * 4096 + (c or 0) * 64 + (d or 0)
+    out[#out + 1] = string.char(math.floor(n / 65536) % 256)
+    if c ~= nil then out[#out + 1] = string.char(math.floor(n / 256) % 256) end
+    if d ~= nil then out[#out + 1] = string.char(n % 256) end
+  end
+  return table.concat(out)
+end
+local kept, dropped = {}, 0
+for _, item in ipairs(items) do
+  local ok, message = pcall(cjson.decode, item)
+  local ours = false
+  if ok and type(message) == 'table' and type(message.headers) == 'table'
+      and message.headers.task == ARGV[1] and type(message.body) == 'string'
+      and type(message.properties) == 'table'
+      and message.properties.body_encoding == 'base64' then
+    ours = string.sub(head(message.body, tonumber(ARGV[3])), 1, #ARGV[2]) == ARGV[2]
+  end
+  if ours then dropped = dropped + 1 else kept[#kept + 1] = item end
+end
+if dropped > 0 then
+  redis.call('DEL', KEYS[1])
+  for i = 1, #kept, 1000 do
+    redis.call('RPUSH', KEYS[1], unpack(kept, i, math.min(i + 999, #kept)))
+  end
+end
+return dropped
+"""
 
 
 def broker_is_redis() -> bool:
@@ -234,3 +279,19 @@ def run_in_flight(run_id: str) -> bool:
         if _task_run(raw) in (run_id, "?"):
             return True
     return any(_task_run(raw) in (run_id, "?") for raw in _scan_list(client, p + SCORE_QUEUE))
+
+
+def drop_queued(run_id: str) -> int | None:
+    """Remove the run's messages waiting in the score queue; how many, or None where the
+    broker cannot (AMQP: a queue gives no way to remove chosen messages, so they stay
+    and the workers drop them as they come, the run being cancelled).
+
+    Redis: one Lua script filters the queue's list atomically (a worker's BRPOP waits
+    for it), keeping every other message in its order.
+    """
+    if not broker_is_redis():
+        return None
+    needle = b'[["' + run_id.encode() + b'"'  # run ids need no JSON escaping
+    chars = -(-len(needle) // 3) * 4  # base64 characters that cover the needle
+    queue = prefix() + SCORE_QUEUE
+    return int(broker_client().eval(_DROP_QUEUED, 1, queue, SCORE_TASK, needle, chars))

@@ -2,6 +2,11 @@
 
 Configuration comes from ``worker.settings`` only. Task modules are listed by name
 (``include``) so that this package imports neither ``training`` nor TensorFlow.
+
+Invalid settings stop ``celery -A worker ...`` here, at the app's import, with one line
+and exit status 2. Logging: Celery sets up its handlers; the hooks below give them the
+JSON formatter when ``GENDERSCORE_LOG_FORMAT=json``, warn about unknown
+``GENDERSCORE_*`` variables, and keep TensorFlow's C++ lines out of the output.
 """
 
 from __future__ import annotations
@@ -13,8 +18,15 @@ from urllib.parse import urlsplit
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
-from worker.keys import prefix
-from worker.settings import Settings, cpu_count, settings
+from worker.logs import json_warnings, quiet_native_logs, use_json
+from worker.settings import Settings, cpu_count, require_settings, unknown_variables
+
+settings = require_settings()  # before anything else reads them: one line, exit 2
+quiet_native_logs()  # before a pool process can import TensorFlow (it inherits this)
+if settings.log_format == "json":
+    json_warnings()  # Celery warns before its logging is set up
+
+from worker.keys import prefix  # noqa: E402  (reads the settings checked above)
 
 log = logging.getLogger(__name__)
 
@@ -214,3 +226,46 @@ def _queue_names(queues: Any) -> set[str]:
     if isinstance(queues, str):
         return {q.strip() for q in queues.split(",") if q.strip()}
     return {str(q) for q in queues}
+
+
+@signals.after_setup_logger.connect
+def _worker_logging(logger: logging.Logger | None = None, **_: Any) -> None:
+    """JSON on Celery's root handlers when asked; then the settings' warnings."""
+    if logger is not None and settings.log_format == "json":
+        use_json(list(logger.handlers))
+    for warning in unknown_variables():
+        log.warning("%s", warning)
+
+
+@signals.after_setup_task_logger.connect
+def _task_logging(logger: logging.Logger | None = None, **_: Any) -> None:
+    """JSON on Celery's task logger too (it does not propagate to the root)."""
+    if logger is not None and settings.log_format == "json":
+        use_json(list(logger.handlers))
+
+
+@signals.celeryd_after_setup.connect
+def _no_banner_with_json(instance: Any = None, **_: Any) -> None:
+    """With JSON logs, no startup banner: every line of the output is one JSON object."""
+    if instance is not None and settings.log_format == "json":
+        instance.quiet = True
+
+
+@signals.worker_ready.connect
+def _no_shutdown_notice_with_json(sender: Any = None, **_: Any) -> None:
+    """With JSON logs, the SIGTERM/SIGQUIT handlers without their plain-text notice.
+
+    Celery's handlers write "worker: Warm shutdown (MainProcess)" straight to stdout;
+    the same handlers, reinstalled with ``verbose=False``, log nothing (the worker still
+    logs its shutdown through logging).
+    """
+    if settings.log_format != "json" or sender is None:
+        return
+    from celery.apps import worker as worker_app
+
+    controller = getattr(sender, "controller", None)
+    try:
+        for name in ("install_worker_term_handler", "install_worker_term_hard_handler"):
+            getattr(worker_app, name)(controller, verbose=False)
+    except (AttributeError, TypeError, ValueError) as exc:  # another Celery, or thread
+        log.debug("kept Celery's shutdown handlers: %s", exc)

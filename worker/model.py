@@ -266,9 +266,9 @@ def check_model_file(model_path: Path) -> str:
 
 def configure_tensorflow(threads: int | None = None) -> None:
     """Set TensorFlow's thread pools (before its first op) and GPU memory growth."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import tensorflow as tf
+    from worker.logs import import_tensorflow
+
+    tf = import_tensorflow()  # without its C++ log lines
 
     try:
         if threads:

@@ -13,11 +13,12 @@ the worker chose (a Redis fault).
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.commands.core import Script
@@ -159,13 +160,33 @@ class RedisUnavailable(RuntimeError):
     """No Redis answers at the configured URL; the message says what to do."""
 
 
+# ``password=`` (any case) among a URL's query arguments, as redis-py and kombu read it.
+_QUERY_PASSWORD = re.compile(r"(?i)(^|[&;])(password=)[^&;]*")
+
+
 def redact(url: str) -> str:
-    """A Redis URL with its password hidden."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    """A broker or Redis URL with every password in it masked as ``***``.
+
+    Covers what redis-py accepts (``redis://[user]:pw@host``, ``rediss://``,
+    ``unix://[user:pw@]/path``, ``?password=pw`` on any of them) and kombu's lists of
+    URLs separated by ``;``. A URL that cannot be parsed is masked whole.
+    """
+    return ";".join(_redact_one(part) for part in url.split(";"))
+
+
+def _redact_one(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "***"
+    masked = url
+    if password is not None and "@" in parts.netloc:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+        masked = masked.replace(f"//{parts.netloc}", f"//{netloc}", 1)
+    head, mark, query = masked.partition("?")
+    return head + mark + _QUERY_PASSWORD.sub(r"\1\2***", query)
 
 
 def connect_checked(url: str | None = None) -> redis.Redis:

@@ -3,19 +3,50 @@
 Every component imports the one ``settings`` object from here; nothing else reads
 the environment. The defaults are the ones measured best on a 2-core machine
 (see README, Performance); each says why next to it.
+
+``settings`` is read on first use, not when this module is imported, so that each
+entry point turns an invalid environment into one line and exit status 2 instead of
+a traceback: the ``genderscore`` command through its error handling, ``celery -A
+worker`` through ``require_settings`` when the app module loads. An error names the
+variable of every field involved. A ``GENDERSCORE_*`` variable that is no setting is
+reported with the closest setting's name (``unknown_variables``), once logging is up.
+
+``python -m worker.settings --markdown`` prints the README's settings table.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
 import re
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "GENDERSCORE_"
+# Variables of the GENDERSCORE_ namespace that are not settings: docker-compose.yml's
+# own (substituted into the file, never read by the code), and the test suite's.
+NOT_SETTINGS = frozenset(
+    {
+        "GENDERSCORE_IMAGE",
+        "GENDERSCORE_UID",
+        "GENDERSCORE_GID",
+        "GENDERSCORE_INPUT_DIR",
+        "GENDERSCORE_MODELS_DIR",
+        "GENDERSCORE_OUTPUT_DIR",
+        "GENDERSCORE_MODEL_FILE",
+        "GENDERSCORE_NIGHTLY_PICTURES",
+        "GENDERSCORE_WORKER_CONCURRENCY",
+    }
+)
+TEST_NAMESPACE = "GENDERSCORE_TEST_"  # the test suite's variables (tests/conftest.py)
+SECRET_FIELDS = frozenset({"redis_url", "broker_url"})  # URLs that may hold a password
 
 
 class SettingsError(RuntimeError):
@@ -198,6 +229,14 @@ class Settings(BaseSettings):
         30, gt=0, description="How often the nightly run checks whether it finished."
     )
 
+    # --- Operations ------------------------------------------------------------------
+    # Log collectors (Loki, CloudWatch, journald with a JSON parser) want one object per
+    # line; people at a terminal want text.
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Logs of the CLI and the workers: text, or json (one object per line).",
+    )
+
     @field_validator("picture_extensions", "url_schemes", "fetch_blocked_networks", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -244,16 +283,17 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _limits_below_visibility(self) -> Settings:
         # A task still running when its message becomes visible again is delivered twice.
-        if self.score_time_limit >= self.visibility_timeout:
-            raise ValueError(
-                f"score_time_limit ({self.score_time_limit}s) must be below "
-                f"visibility_timeout ({self.visibility_timeout}s)"
+        problems = [
+            f"{env_name(limit)}={getattr(self, limit)} must be below "
+            f"{env_name(timeout)}={getattr(self, timeout)} (seconds)"
+            for limit, timeout in (
+                ("score_time_limit", "visibility_timeout"),
+                ("training_time_limit", "training_visibility_timeout"),
             )
-        if self.training_time_limit >= self.training_visibility_timeout:
-            raise ValueError(
-                f"training_time_limit ({self.training_time_limit}s) must be below "
-                f"training_visibility_timeout ({self.training_visibility_timeout}s)"
-            )
+            if getattr(self, limit) >= getattr(self, timeout)
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
@@ -262,16 +302,67 @@ class Settings(BaseSettings):
         return self.broker_url or self.redis_url
 
 
+def env_name(field: str) -> str:
+    """The environment variable of a settings field: ``GENDERSCORE_<FIELD>``."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    """One validation error as ``VARIABLE='value': reason`` (secrets never shown)."""
+    if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+        reason = str(err["ctx"]["error"])  # our own validators name their variables
+    else:
+        reason = str(err["msg"])
+    loc = [str(part) for part in err["loc"]]
+    if not loc:
+        return reason
+    field = loc[0]
+    shown = "" if field in SECRET_FIELDS else f"={err.get('input')!r}"
+    return f"{env_name(field)}{shown}: {reason}"
+
+
 def load_settings() -> Settings:
     """Read and validate the settings, raising SettingsError with a readable message."""
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"GENDERSCORE_{'_'.join(str(p) for p in err['loc']).upper() or '?'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise SettingsError(f"invalid genderscore settings: {problems}") from None
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``GENDERSCORE_*`` variable that is no setting (a typo, mostly)."""
+    env = os.environ if environ is None else environ
+    known = {env_name(name) for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(env):
+        upper = name.upper()
+        if (
+            not upper.startswith(ENV_PREFIX)
+            or upper in known
+            or upper in NOT_SETTINGS
+            or upper.startswith(TEST_NAMESPACE)
+        ):
+            continue
+        # Compared without the prefix, which every name shares.
+        fields = sorted(field.upper() for field in Settings.model_fields)
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), fields, n=1)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        warnings.append(f"{name} is not a genderscore setting and is ignored{hint}")
+    return warnings
+
+
+def require_settings() -> Settings:
+    """The settings, or one line on stderr and exit status 2 when they are invalid.
+
+    For entry points that have no error handling of their own around the import of
+    the app (``celery -A worker ...``).
+    """
+    try:
+        return _loaded()
+    except SettingsError as exc:
+        sys.stderr.write(f"genderscore: {exc}\n")
+        raise SystemExit(2) from None
 
 
 def cpu_count() -> int:
@@ -279,4 +370,71 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-settings = load_settings()
+# --- what is in force, and the README's table ------------------------------------------
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):  # comma lists, as the environment gives them
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def describe(
+    s: Settings, environ: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, str, str]]:
+    """``(variable, value, source)`` of every setting, URLs with their passwords masked.
+
+    The source is ``environment`` for a value read from a ``GENDERSCORE_*`` variable
+    (any case, as pydantic-settings reads them), else ``default``.
+    """
+    from worker.results import redact
+
+    env = os.environ if environ is None else environ
+    present = {name.upper() for name in env}
+    for field in Settings.model_fields:
+        value = getattr(s, field)
+        shown = redact(value) if field in SECRET_FIELDS and value else _shown(value)
+        source = "environment" if env_name(field) in present else "default"
+        yield env_name(field), shown, source
+
+
+def markdown_table() -> str:
+    """The README's settings table: variable, default and description of every field."""
+    lines = ["| variable | default | what |", "| --- | --- | --- |"]
+    for field, info in Settings.model_fields.items():
+        default = _shown(info.default)
+        description = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `{env_name(field)}` | `{default}` | {description} |")
+    return "\n".join(lines) + "\n"
+
+
+_settings: Settings | None = None
+
+
+def _loaded() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = load_settings()
+    return _settings
+
+
+# ``settings`` is read on first use (module __getattr__, PEP 562), once per process.
+settings: Settings
+
+
+def __getattr__(name: str) -> Any:
+    if name == "settings":
+        loaded = _loaded()
+        globals()["settings"] = loaded
+        return loaded
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m worker.settings --markdown")
+    sys.stdout.write(markdown_table())

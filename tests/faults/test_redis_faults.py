@@ -43,7 +43,13 @@ def test_redis_lost_without_persistence_then_reconcile(tmp_path: Path, tiny_mode
                 # Redis lost the run: collect says so, it does not write a short CSV.
                 assert "lost-run" in short.stderr and "Traceback" not in short.stderr
                 fixed = world.cli(
-                    "reconcile", "lost-run", "--images", str(folder), "--model", str(tiny_model)
+                    "reconcile",
+                    "lost-run",
+                    "--recreate",
+                    "--images",
+                    str(folder),
+                    "--model",
+                    str(tiny_model),
                 )
                 assert int(fixed.stdout.strip()) >= 300
                 world.wait_settled("lost-run", 400, timeout=120)

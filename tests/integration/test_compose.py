@@ -336,3 +336,62 @@ def test_images_install_from_lock_files_and_only_the_trainer_has_tensorflow() ->
     for dependency in dependencies:  # every direct dependency is in both locks
         name = re.match(r"[A-Za-z0-9_.-]+", dependency)
         assert name and name.group(0).lower() in worker and name.group(0).lower() in trainer
+
+
+# --- settings defaults and beat's health ----------------------------------------------------
+
+# GENDERSCORE_* values of docker-compose.yml that differ from the settings' own defaults, and
+# why. Any other difference is drift (the compose file ran workers at batch 64 while the code
+# said 16).
+DEPLOYMENT_VALUES = {
+    "GENDERSCORE_REDIS_URL": "the compose network's Redis, with its password",
+    "GENDERSCORE_MODEL": "models are mounted at /data/models",
+    "GENDERSCORE_NIGHTLY_IMAGES_DIR": "pictures are mounted at /data/input",
+    "GENDERSCORE_NIGHTLY_OUTPUT_DIR": "outputs are mounted at /data/output",
+}
+
+
+def test_compose_defaults_are_the_settings_defaults(services: dict[str, Any]) -> None:
+    from pydantic import TypeAdapter
+
+    from worker.settings import Settings, env_name, unknown_variables
+
+    fields = {env_name(name): info for name, info in Settings.model_fields.items()}
+    checked = set()
+    for name in APP_SERVICES:
+        env = services[name]["environment"]
+        assert not unknown_variables(env), (name, unknown_variables(env))
+        for variable, value in env.items():
+            if variable not in fields or variable in DEPLOYMENT_VALUES:
+                continue
+            info = fields[variable]
+            parsed = TypeAdapter(info.annotation).validate_python(value)
+            assert parsed == info.default, (
+                f"{name}: {variable}={value!r}, the code says {info.default!r}"
+            )
+            checked.add(variable)
+    assert {
+        "GENDERSCORE_BATCH_SIZE",
+        "GENDERSCORE_NIGHTLY_CRON",
+        "GENDERSCORE_TF_THREADS",
+    } <= checked
+    # The operator's .env still wins.
+    worker = resolved({"GENDERSCORE_BATCH_SIZE": "32"})["services"]["worker"]
+    assert worker["environment"]["GENDERSCORE_BATCH_SIZE"] == "32"
+
+
+def test_beat_is_health_checked_by_its_heartbeat(services: dict[str, Any]) -> None:
+    beat = services["beat"]
+    _, sub = check_celery(argv(beat)[1:])
+    assert sub.params["scheduler"] == "worker.beat:HeartbeatScheduler"
+    max_interval = int(sub.params["max_interval"])
+    test = beat["healthcheck"]["test"]
+    assert test[:4] == ["CMD", "python", "-m", "worker.beat"]
+    from worker.beat import main as check
+
+    with pytest.raises(SystemExit) as parsed:
+        check([*test[4:], "--help"])  # the options the image's check passes are its own
+    assert parsed.value.code == 0
+    assert test[4] == sub.params["schedule"]  # the heartbeat of this beat's schedule file
+    max_age = float(next(a for a in test if a.startswith("--max-age=")).split("=")[1])
+    assert max_age >= 2 * max_interval  # a missed pass is not yet a failure

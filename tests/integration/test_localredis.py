@@ -108,7 +108,7 @@ def test_demo_command_fails_in_one_line_before_training(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 3  # Redis unreachable (README, Exit codes)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: no Redis answers at localhost:") and "start it" in last
     assert "Traceback" not in proc.stderr and "secret" not in proc.stderr

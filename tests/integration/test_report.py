@@ -15,8 +15,9 @@ from click.testing import CliRunner
 
 from producer.cli import main
 from producer.collect import load_run
-from producer.report import band_index, build_report, errors_html, evaluate
+from producer.report import build_report, errors_html, evaluate_run
 from tests.helpers import make_pictures, userid, write_profiles
+from worker.evaluation import band_index
 from worker.results import Prediction
 
 BAD = {
@@ -261,7 +262,7 @@ def test_evaluate_bands_and_majority() -> None:
     truth = ["male", "female", "female", "male", "female", "female", "male"]
     labels = {userid(n): g for n, g in enumerate(truth)} | {userid(50): "male"}
     data = RunData("r", {}, predictions, {userid(50): "corrupt: x"})
-    result = evaluate(data, labels)
+    result = evaluate_run(data, labels)
     assert [band_index(p) for p in ps] == [4, 0, 0, 1, 1, 4, 4]
     assert (result.users, result.correct) == (7, 4)
     assert (result.majority_class, result.majority_users) == ("female", 4)

@@ -146,7 +146,7 @@ def test_export_without_calibration_or_of_a_bare_h5_is_refused(
     proc = subprocess.run(
         [*cmd, str(calibration)], cwd=ROOT, env=worker_env(), capture_output=True, text=True
     )
-    assert proc.returncode == 1 and "GENDERSCORE_ALLOW_UNVERIFIED_MODEL" in proc.stderr
+    assert proc.returncode == 5 and "GENDERSCORE_ALLOW_UNVERIFIED_MODEL" in proc.stderr
     assert "Traceback" not in proc.stderr and not bare.with_suffix(".json").exists()
     proc = subprocess.run(
         [*cmd, str(calibration), "--precision", "f32"],

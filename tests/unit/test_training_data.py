@@ -23,9 +23,10 @@ from training.data import (
     to_pixels,
     userids_fingerprint,
 )
-from training.evaluate import EvaluationError, evaluate, format_evaluation
 from training.network import feature_size, min_image_size
 from training.train import check_options, format_epoch
+from worker.evaluation import EvaluationError, format_evaluation
+from worker.evaluation import evaluate_files as evaluate
 from worker.labels import LabelsError
 from worker.preprocess import preprocess
 
@@ -298,12 +299,17 @@ def test_evaluate_counts_accuracy_baseline_and_confusion(tmp_path: Path) -> None
     labels = tmp_path / "profile.csv"
     write_profiles(labels, truth)
     result = evaluate(_scored_csv(tmp_path / "scored.csv", predicted), labels)
-    assert result.compared == 9 and result.correct == 7
+    assert result.users == 9 and result.correct == 7
     assert result.accuracy == pytest.approx(7 / 9)
-    assert result.confusion == ((2, 1), (1, 5))  # rows true (male, female), cols predicted
+    assert result.confusion == {  # (true, predicted) -> users
+        ("male", "male"): 2,
+        ("male", "female"): 1,
+        ("female", "male"): 1,
+        ("female", "female"): 5,
+    }
     assert result.majority_class == "female"
-    assert result.baseline_accuracy == pytest.approx(6 / 9)
-    assert result.missing_predictions == 1 and result.unlabelled_predictions == 1
+    assert result.majority_accuracy == pytest.approx(6 / 9)
+    assert result.missing_predictions == 1 and result.unlabelled == 1
     text = format_evaluation(result)
     assert "accuracy: 0.7778 (7/9)" in text and "majority baseline (female): 0.6667" in text
     assert "labelled users with no prediction: 1" in text
@@ -327,7 +333,7 @@ def test_evaluate_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("userid,age\n")
     result = CliRunner().invoke(evaluate_cmd, [str(scored), str(bad)])
-    assert result.exit_code == 1 and "no 'gender' column" in result.output
+    assert result.exit_code == 2 and "no 'gender' column" in result.output
 
 
 def test_train_command_with_unusable_labels_says_why(tmp_path: Path) -> None:
@@ -337,7 +343,7 @@ def test_train_command_with_unusable_labels_says_why(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         train_cmd, [str(tmp_path / "image"), str(labels), "--out", str(tmp_path / "m.h5")]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no usable row" in result.output and "Traceback" not in result.output
 
 
