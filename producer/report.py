@@ -174,15 +174,23 @@ def plot_throughput(times: Sequence[float], start: float) -> bytes:
 
 
 def plot_errors(kinds: Mapping[str, int]) -> bytes:
-    """PNG: errors by type, largest first."""
+    """PNG: errors by type, largest first.
+
+    An error kind comes from the data (a worker wrote it): it is drawn as plain text,
+    never read as mathtext or TeX (``$...$`` in a kind would otherwise be parsed, and a
+    malformed one would stop the report), and cut to 60 characters.
+    """
+    from matplotlib import rc_context
+
     items = sorted(kinds.items(), key=lambda item: (-item[1], item[0]))
-    figure = _figure(height=max(1.6, 0.9 + 0.35 * len(items)))
-    axes = figure.add_subplot()
-    names = [name for name, _ in reversed(items)]
-    axes.barh(names, [count for _, count in reversed(items)], color="#ffa600")
-    axes.set_xlabel("pictures")
-    axes.set_title("errors by type")
-    return _png(figure)
+    with rc_context({"text.parse_math": False, "text.usetex": False}):
+        figure = _figure(height=max(1.6, 0.9 + 0.35 * len(items)))
+        axes = figure.add_subplot()
+        names = [name[:60] for name, _ in reversed(items)]
+        axes.barh(names, [count for _, count in reversed(items)], color="#ffa600")
+        axes.set_xlabel("pictures")
+        axes.set_title("errors by type")
+        return _png(figure)
 
 
 def plot_bands(bands: Sequence[Band]) -> bytes:

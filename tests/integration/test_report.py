@@ -274,3 +274,11 @@ def test_evaluate_bands_and_majority() -> None:
         ("male", "male"): 1,
     }
     assert (result.labelled_errors, result.unlabelled) == (1, 0)
+
+
+def test_error_kinds_are_drawn_as_plain_text() -> None:
+    # Kinds come from the data; with mathtext on, these raise ValueError (bad TeX).
+    from producer.report import plot_errors
+
+    png = plot_errors({"$\\frac{1}{$": 2, "$x^$": 1, "missing": 3, "k" * 500: 1})
+    assert png.startswith(b"\x89PNG")
