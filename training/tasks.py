@@ -28,6 +28,7 @@ from redis.typing import EncodableT, FieldT
 from training.train import device_description, format_epoch, train
 from worker.celery import app
 from worker.keys import training_index, training_progress
+from worker.logs import import_tensorflow
 from worker.model import versioned_model_path
 from worker.results import connect
 from worker.settings import settings
@@ -181,6 +182,7 @@ def train_task(
         raise ValueError("images_dir, labels_csv and name must be strings")
     out = str(versioned_model_path(name))
     task_id = self.request.id or "eager"
+    import_tensorflow()  # here, in the pool process, without its C++ log lines
 
     def publish_progress(state: str, meta: dict[str, Any]) -> None:
         # update_state feeds AsyncResult and `train --submit`; the event feeds Flower,

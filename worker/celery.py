@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
@@ -62,6 +62,24 @@ def transport_options(s: Settings, training: bool = False) -> dict[str, Any]:
     return options
 
 
+def password_in_userinfo(url: str) -> str:
+    """A Redis URL with a ``?password=`` query moved into ``:password@`` (same meaning to
+    redis-py), where Celery's banner and logs know to mask it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return url
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    password = [v for k, v in query if k.lower() == "password"]
+    if not password or parts.password:
+        return url
+    user = [v for k, v in query if k.lower() == "username"]
+    rest = urlencode([(k, v) for k, v in query if k.lower() not in ("password", "username")])
+    username = quote(user[0] if user else parts.username or "", safe="")
+    auth = f"{username}:{quote(password[0], safe='')}"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{auth}@{host}", query=rest))
+
+
 def is_redis_url(url: str) -> bool:
     """Whether ``url`` names a Redis server (else the broker is AMQP: RabbitMQ)."""
     return urlsplit(url).scheme in ("redis", "rediss", "unix")
@@ -95,10 +113,10 @@ def celery_config(s: Settings) -> dict[str, Any]:
     """The Celery configuration for settings ``s``."""
     redis_broker = is_redis_url(s.effective_broker_url)
     return {
-        "broker_url": s.effective_broker_url,
+        "broker_url": password_in_userinfo(s.effective_broker_url),
         # Redis: kombu's transport, taking a batch of messages per round trip.
         "broker_transport": "worker.redis_transport:Transport" if redis_broker else None,
-        "result_backend": s.redis_url,  # training progress and results only
+        "result_backend": password_in_userinfo(s.redis_url),  # training progress, results
         "broker_transport_options": transport_options(s) if redis_broker else {},
         "result_backend_transport_options": {"global_keyprefix": prefix()},
         "broker_connection_retry_on_startup": True,

@@ -237,3 +237,15 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
+
+
+def test_a_query_password_is_moved_where_celery_masks_it() -> None:
+    from celery.utils.text import maybe_sanitize_url  # what Celery's banner prints with
+
+    from worker.celery import password_in_userinfo
+
+    url = password_in_userinfo("redis://127.0.0.1:6379/0?password=s3cr%40t&socket_timeout=3")
+    assert url == "redis://:s3cr%40t@127.0.0.1:6379/0?socket_timeout=3"
+    assert "s3cr" not in maybe_sanitize_url(url)
+    assert password_in_userinfo("redis://u:pw@h/0") == "redis://u:pw@h/0"
+    assert password_in_userinfo("amqp://g:g@h//") == "amqp://g:g@h//"
