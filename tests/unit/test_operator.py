@@ -240,7 +240,7 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 
 
 def test_a_query_password_is_moved_where_celery_masks_it() -> None:
-    from celery.utils.text import maybe_sanitize_url  # what Celery's banner prints with
+    from kombu.utils.url import maybe_sanitize_url  # what Celery's banner prints with
 
     from worker.celery import password_in_userinfo
 
