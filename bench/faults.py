@@ -88,7 +88,9 @@ def soak(broker: str, rounds: int, pictures: int, workdir: Path, seed: int) -> l
         for n in range(rounds):
             run_id = f"soak-{n:02d}"
             world.cli("score", str(folder), "--run-id", run_id)
-            time.sleep(rng.uniform(0, length))
+            # Between the first tenth and 70 % of the run: the kill lands mid-run (a
+            # replacement worker's first batches are slower, the window leaves room).
+            time.sleep(rng.uniform(0.1, 0.7) * length)
             at_kill = _settled(world, run_id)
             os.killpg(victim.pid, signal.SIGKILL)
             victim.wait(10)
