@@ -22,7 +22,7 @@ import worker.batching as batching
 import worker.keys as keys
 import worker.scoring as scoring
 import worker.tasks  # noqa: F401  (registers genderscore.score on the app)
-from worker import app
+from worker.celery import app
 
 __all__ = ["app"]
 
