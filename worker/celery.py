@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
+from kombu.transport import TRANSPORT_ALIASES
 
 from worker.logs import json_warnings, quiet_native_logs, use_json
 from worker.settings import Settings, cpu_count, require_settings, unknown_variables
@@ -114,8 +115,6 @@ def celery_config(s: Settings) -> dict[str, Any]:
     redis_broker = is_redis_url(s.effective_broker_url)
     return {
         "broker_url": password_in_userinfo(s.effective_broker_url),
-        # Redis: kombu's transport, taking a batch of messages per round trip.
-        "broker_transport": "worker.redis_transport:Transport" if redis_broker else None,
         "result_backend": password_in_userinfo(s.redis_url),  # training progress, results
         "broker_transport_options": transport_options(s) if redis_broker else {},
         "result_backend_transport_options": {"global_keyprefix": prefix()},
@@ -150,6 +149,13 @@ def celery_config(s: Settings) -> dict[str, Any]:
         **({} if redis_broker else amqp_config()),
     }
 
+
+# Redis: kombu's transport, taking a batch of messages per round trip. Registered under
+# the URL schemes themselves, so that the connection still reads as redis:// (Flower's
+# broker view and Celery's banner go by the scheme).
+TRANSPORT_ALIASES.update(
+    redis="worker.redis_transport:Transport", rediss="worker.redis_transport:Transport"
+)
 
 app = Celery("genderscore", include=["worker.tasks", "training.tasks", "producer.nightly"])
 app.conf.update(celery_config(settings))
