@@ -1,7 +1,9 @@
 """All runtime settings, read once from the environment (prefix ``GENDERSCORE_``).
 
 Every component imports the one ``settings`` object from here; nothing else reads
-the environment. The defaults are the ones measured best on a 2-core machine
+the environment. Where ``GENDERSCORE_SECRETS_DIR`` names a folder (Compose's
+``/run/secrets``), a file there named like a variable is read for a variable the
+environment does not set: passwords stay out of the environment. The defaults are the ones measured best on a 2-core machine
 (see README, Performance); each says why next to it.
 
 ``settings`` is read on first use, not when this module is imported, so that each
@@ -65,6 +67,16 @@ class Settings(BaseSettings):
         "redis://user:password@host:port/db, rediss:// for TLS.",
     )
     broker_url: str | None = Field(None, description="Celery broker, if not redis_url.")
+    # docker-compose.yml mounts the URLs (with their passwords) as secret files, so that
+    # no password sits in a container's environment (`docker inspect`, /proc/*/environ).
+    # pydantic-settings reads the environment first, then the files: a variable set in
+    # the environment wins over its file.
+    secrets_dir: Path | None = Field(
+        None,
+        description="Folder of secret files named like these variables (e.g. "
+        "GENDERSCORE_REDIS_URL), each holding its value; a variable in the environment wins "
+        "over its file.",
+    )
     key_prefix: str = Field(
         "genderscore",
         pattern=r"^[A-Za-z0-9_.-]{1,32}$",
@@ -321,13 +333,34 @@ def _problem(err: Mapping[str, Any]) -> str:
     return f"{env_name(field)}{shown}: {reason}"
 
 
+def _secrets_dir(environ: Mapping[str, str]) -> Path | None:
+    """``GENDERSCORE_SECRETS_DIR`` (any case, as the settings read it), an existing folder."""
+    name = env_name("secrets_dir")
+    value = next((v for k, v in environ.items() if k.upper() == name), "")
+    if not value:
+        return None
+    folder = Path(value)
+    if not folder.is_dir():  # pydantic-settings would only warn, and read nothing
+        raise SettingsError(f"invalid genderscore settings: {name}={value!r}: no such folder")
+    return folder
+
+
 def load_settings() -> Settings:
-    """Read and validate the settings, raising SettingsError with a readable message."""
+    """Read and validate the settings, raising SettingsError with a readable message.
+
+    Sources, first wins: the environment, then the files of ``GENDERSCORE_SECRETS_DIR``,
+    then the defaults.
+    """
     try:
-        return Settings()
+        return Settings(_secrets_dir=_secrets_dir(os.environ))
     except ValidationError as exc:
         problems = "; ".join(_problem(err) for err in exc.errors())
         raise SettingsError(f"invalid genderscore settings: {problems}") from None
+    except OSError as exc:  # a secret file this user may not read
+        raise SettingsError(
+            f"invalid genderscore settings: cannot read {exc.filename}: {exc.strerror} "
+            "(secret files must belong to the user the process runs as)"
+        ) from None
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -389,17 +422,25 @@ def describe(
     """``(variable, value, source)`` of every setting, URLs with their passwords masked.
 
     The source is ``environment`` for a value read from a ``GENDERSCORE_*`` variable
-    (any case, as pydantic-settings reads them), else ``default``.
+    (any case, as pydantic-settings reads them), ``secrets`` for one read from a file of
+    ``GENDERSCORE_SECRETS_DIR``, else ``default``.
     """
     from worker.results import redact
 
     env = os.environ if environ is None else environ
     present = {name.upper() for name in env}
+    folder = s.secrets_dir
+    files = (
+        {p.name.upper() for p in folder.iterdir() if p.is_file()}
+        if folder is not None and folder.is_dir()
+        else set()
+    )
     for field in Settings.model_fields:
         value = getattr(s, field)
         shown = redact(value) if field in SECRET_FIELDS and value else _shown(value)
-        source = "environment" if env_name(field) in present else "default"
-        yield env_name(field), shown, source
+        name = env_name(field)
+        source = "environment" if name in present else "secrets" if name in files else "default"
+        yield name, shown, source
 
 
 def markdown_table() -> str:
