@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     root: Path = args.root
     folder, env_path = root / "secrets", root / ".env"
     try:
+        if not root.is_dir():
+            raise Refused(f"{root} is not a folder: --root names docker-compose.yml's folder")
         env = read_env(env_path)
         uid, gid = owner(env)
         prefix = os.environ.get("GENDERSCORE_KEY_PREFIX") or env.get(

@@ -3,8 +3,9 @@
 Every component imports the one ``settings`` object from here; nothing else reads
 the environment. Where ``GENDERSCORE_SECRETS_DIR`` names a folder (Compose's
 ``/run/secrets``), a file there named like a variable is read for a variable the
-environment does not set: passwords stay out of the environment. The defaults are the ones measured best on a 2-core machine
-(see README, Performance); each says why next to it.
+environment does not set: passwords stay out of the environment. The defaults are the
+ones measured best on a 2-core machine (see README, Performance); each says why next
+to it.
 
 ``settings`` is read on first use, not when this module is imported, so that each
 entry point turns an invalid environment into one line and exit status 2 instead of
@@ -30,6 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 ENV_PREFIX = "GENDERSCORE_"
 # Variables of the GENDERSCORE_ namespace that are not settings: docker-compose.yml's
@@ -351,15 +353,21 @@ def load_settings() -> Settings:
     Sources, first wins: the environment, then the files of ``GENDERSCORE_SECRETS_DIR``,
     then the defaults.
     """
+    folder = _secrets_dir(os.environ)
     try:
-        return Settings(_secrets_dir=_secrets_dir(os.environ))
+        return Settings(_secrets_dir=folder)
     except ValidationError as exc:
         problems = "; ".join(_problem(err) for err in exc.errors())
         raise SettingsError(f"invalid genderscore settings: {problems}") from None
-    except OSError as exc:  # a secret file this user may not read
+    except SourceError as exc:  # a secret file this user may not read
+        cause = exc.__cause__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = env_name(field.group(1)) if field else "a file"
         raise SettingsError(
-            f"invalid genderscore settings: cannot read {exc.filename}: {exc.strerror} "
-            "(secret files must belong to the user the process runs as)"
+            f"invalid genderscore settings: cannot read {name} of "
+            f"{env_name('secrets_dir')}={folder}: {reason} (secret files must be readable "
+            "by the user this runs as)"
         ) from None
 
 

