@@ -51,6 +51,13 @@ def test_the_environment_wins_over_a_secret_file(
     assert rows["GENDERSCORE_REDIS_URL"] == "environment"
 
 
+def test_an_empty_broker_file_makes_redis_the_broker(secrets: Path) -> None:
+    # docs/deploy.md, "Back to Redis as the broker": `: > secrets/broker-url`.
+    (secrets / "GENDERSCORE_REDIS_URL").write_text(URL)
+    (secrets / "GENDERSCORE_BROKER_URL").write_text("")
+    assert load_settings().effective_broker_url == URL
+
+
 def test_a_secret_file_is_validated_like_the_variable(secrets: Path) -> None:
     (secrets / "GENDERSCORE_BATCH_SIZE").write_text("lots")
     with pytest.raises(SettingsError, match="GENDERSCORE_BATCH_SIZE='lots'"):
