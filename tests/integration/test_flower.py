@@ -1,7 +1,8 @@
 """Monitoring: Flower (with basic auth) and ``genderscore metrics`` over a real run.
 
-Flower runs as ``celery -A worker flower`` against the test Redis, with its credentials
-in ``FLOWER_BASIC_AUTH`` as docker-compose.yml passes them; a scoring worker and a
+Flower runs as ``celery -A worker flower`` against the test Redis, with docker-compose.yml's
+FLOWER_* settings and its credentials in ``FLOWER_BASIC_AUTH`` (the compose file passes
+them in a ``--conf`` file: tests/faults/test_compose_acl.py); a scoring worker and a
 training worker are up; a small ``genderscore score --wait`` job runs; Flower's HTTP API
 then shows both workers, both queues and every batch of score tasks with its run,
 userids and progress. The project's exporter shows the run's counts and the queues. A
