@@ -20,8 +20,8 @@ mode from the host (it ignores a secret's uid/gid/mode for files). The two files
 hold only hashes are 0644: the redis and rabbitmq images drop to their own user before
 they read them. The folder's 0700 keeps the host's other users out of all of them.
 
-GENDERSCORE_UID and GENDERSCORE_GID come from the environment, else from the user
-running this. 0 (root) is refused: the containers would run as root. Run as root, it
+GENDERSCORE_UID and GENDERSCORE_GID come from the environment, else from .env, else
+from the user running this. 0 (root) is refused: the containers would run as root. Run as root, it
 gives the files to GENDERSCORE_UID:GENDERSCORE_GID; run as anyone else, that must be
 that user.
 
