@@ -63,6 +63,11 @@ def _failure(exc: BaseException) -> Failure | None:
             f"Redis is full (OOM: {exc}); nothing was evicted. Free memory or raise "
             "maxmemory, then run the command again (`genderscore reconcile` repairs a run)"
         )
+    if isinstance(exc, (redis.exceptions.NoPermissionError, redis.AuthenticationError)):
+        return Unreachable(
+            f"Redis refused this command for the configured user ({exc}): check its ACL "
+            "rules and password (docker/setup-secrets.py writes them)"
+        )
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         return Unreachable(
             f"lost the connection to Redis ({exc}); run the command again once it is back "

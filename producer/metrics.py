@@ -12,7 +12,8 @@ Redis on every scrape (no state of its own, so any number may run) and serves:
     genderscore_run_errors_by_kind{run,model,kind}  error records by kind (model_error,
                                              corrupt, missing, ...; any other "other")
     genderscore_queue_length{queue}          messages waiting (score, training)
-    genderscore_queue_unacked{queue}         delivered, not yet acknowledged
+    genderscore_queue_unacked{queue}         delivered, not yet acknowledged (Redis broker)
+    genderscore_queue_consumers{queue}       workers consuming the queue (RabbitMQ broker)
     genderscore_nightly_running              1 while a nightly run holds its lock
     genderscore_nightly_last_success_timestamp_seconds   when the last nightly run wrote
                                              its CSV (absent until one did)
@@ -127,17 +128,28 @@ class RunsCollector(Collector):
         )
         unacked = GaugeMetricFamily(
             "genderscore_queue_unacked",
-            "Messages delivered to a worker and not yet acknowledged.",
+            "Messages delivered to a worker and not yet acknowledged (Redis broker).",
+            labels=["queue"],
+        )
+        consumers = GaugeMetricFamily(
+            "genderscore_queue_consumers",
+            "Workers consuming the queue (RabbitMQ broker).",
             labels=["queue"],
         )
         for queue in (SCORE_QUEUE, TRAINING_QUEUE):
             waiting.add_metric([queue], lengths[queue])
-            unacked.add_metric([queue], lengths[f"unacked ({queue})"])
+            # Each broker tells what it knows: Redis its unacked index, RabbitMQ its
+            # consumers (its unacknowledged count needs the management API).
+            if f"unacked ({queue})" in lengths:
+                unacked.add_metric([queue], lengths[f"unacked ({queue})"])
+            if f"consumers ({queue})" in lengths:
+                consumers.add_metric([queue], lengths[f"consumers ({queue})"])
         nightly = GaugeMetricFamily(
             "genderscore_nightly_running", "1 while a nightly run holds its lock."
         )
         nightly.add_metric([], int(bool(self.client.exists(nightly_lock()))))
-        return [*runs.values(), by_kind, waiting, unacked, nightly, *self._nightly_outcomes()]
+        outcomes = self._nightly_outcomes()
+        return [*runs.values(), by_kind, waiting, unacked, consumers, nightly, *outcomes]
 
     def _nightly_outcomes(self) -> list[Metric]:
         """The last nightly success and failure, from what the nightly run records."""

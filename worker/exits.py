@@ -4,7 +4,8 @@
     1  anything else (a bug, a training task that failed)
     2  usage or bad input: a bad option, an invalid setting, an empty source, an
        unknown run id, a label file with no usable row
-    3  infrastructure unreachable: Redis, the broker, the object store (retry later)
+    3  infrastructure unreachable: Redis, the broker, the object store (retry later), or
+       Redis refusing the configured user (its ACL or password)
     4  the run is incomplete, or a wait timed out (wait longer, or reconcile)
     5  model problem: missing, unverified, tampered or unreadable model
 
