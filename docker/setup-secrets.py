@@ -12,6 +12,14 @@ library only. It creates:
       broker-url                  GENDERSCORE_BROKER_URL: RabbitMQ, user genderscore
       rabbitmq-definitions.json   RabbitMQ's user (password hashed), vhost, permissions
       flower-config.py            Flower's basic auth (read with --conf)
+      s3.json                     the object store's identities (profile s3: SeaweedFS)
+      aws-credentials-<who>       an AWS credentials file per S3 client: worker (read),
+                                  cli (list and read), admin (everything: uploads)
+      worker-host/                with --hosts-address: what a worker on another host
+                                  needs (docs/deploy.md, "Workers on several hosts"):
+        worker.env                its variables, for `docker run --env-file`
+        secrets/                  GENDERSCORE_REDIS_URL, GENDERSCORE_BROKER_URL (to the
+                                  address given) and aws-credentials (the worker's)
     .env                          GENDERSCORE_UID and GENDERSCORE_GID set (other lines kept)
 
 Every file that holds a password is 0600 and belongs to GENDERSCORE_UID, the user the
@@ -34,6 +42,11 @@ metrics only read them; each runs only the commands the service was seen to run
 (tests/faults/test_compose_acl.py runs every service with this file and fails on any
 refusal). ``default`` may only PING (the health check, no password); ``admin`` may do
 anything (``docker compose exec`` with redis-admin-password, docs/deploy.md).
+
+S3 identities (SeaweedFS's ``-s3.config``): ``worker`` may only read objects, ``cli``
+may list and read (``genderscore score s3://...``), ``admin`` may do anything. S3's
+signatures need the plain secret key on the server: s3.json is 0600, like the URLs (the
+s3 service runs as GENDERSCORE_UID).
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import sys
 from pathlib import Path
 
@@ -106,6 +120,13 @@ WRITES = {
 }
 READ_WRITE = ("worker", "beat", "trainer", "cli")
 READ_ONLY = ("flower", "metrics")
+# S3 identities: name -> SeaweedFS actions (docker-compose.yml's s3 service).
+S3_ACTIONS = {
+    "worker": ["Read"],
+    "cli": ["Read", "List"],
+    "admin": ["Admin", "Read", "Write", "List", "Tagging"],
+}
+S3_PORT = 8333
 RABBITMQ_USER = "genderscore"
 RABBITMQ_VHOST = "genderscore"
 
@@ -165,6 +186,47 @@ def rabbitmq_definitions(password: str) -> str:
         ],
     }
     return json.dumps(definitions, indent=2) + "\n"
+
+
+def s3_keys() -> dict[str, tuple[str, str]]:
+    """A fresh access key id and secret key per S3 identity."""
+    return {
+        name: (f"genderscore-{name}-{secrets.token_hex(4)}", secrets.token_hex(24))
+        for name in S3_ACTIONS
+    }
+
+
+def s3_config(keys: dict[str, tuple[str, str]]) -> str:
+    """SeaweedFS's S3 identities file: each identity's key and what it may do."""
+    identities = [
+        {
+            "name": name,
+            "credentials": [{"accessKey": keys[name][0], "secretKey": keys[name][1]}],
+            "actions": actions,
+        }
+        for name, actions in S3_ACTIONS.items()
+    ]
+    return json.dumps({"identities": identities}, indent=2) + "\n"
+
+
+def aws_credentials(key: tuple[str, str]) -> str:
+    """An AWS shared credentials file (AWS_SHARED_CREDENTIALS_FILE) with one profile."""
+    return f"[default]\naws_access_key_id = {key[0]}\naws_secret_access_key = {key[1]}\n"
+
+
+def worker_env(address: str, prefix: str) -> str:
+    """worker.env of the worker-host bundle: the variables of a worker on another host."""
+    lines = [
+        "# `docker run --env-file worker.env`: a genderscore worker on another host",
+        "# (docs/deploy.md). The passwords are in secrets/, mounted at /run/secrets.",
+        "GENDERSCORE_SECRETS_DIR=/run/secrets",
+        f"GENDERSCORE_KEY_PREFIX={prefix}",
+        "GENDERSCORE_MODEL=/data/models/gender.h5",
+        f"AWS_ENDPOINT_URL=http://{address}:{S3_PORT}",
+        "AWS_DEFAULT_REGION=us-east-1",
+        "AWS_SHARED_CREDENTIALS_FILE=/run/secrets/aws-credentials",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -228,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flower-user", default="ops", help="Flower's basic-auth user")
     parser.add_argument("--redis-host", default="redis:6379", help="host:port in the URLs")
     parser.add_argument("--rabbitmq-host", default="rabbitmq:5672", help="host:port")
+    parser.add_argument(
+        "--hosts-address",
+        help="this host's private address (HOSTS_BIND): also write worker-host/, what a "
+        "worker on another host needs",
+    )
     parser.add_argument("--force", action="store_true", help="replace existing secrets")
     args = parser.parse_args(argv)
     root: Path = args.root
@@ -244,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             raise Refused(f"GENDERSCORE_KEY_PREFIX={prefix!r}: expected [A-Za-z0-9_.-]{{1,32}}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", args.flower_user):
             raise Refused(f"--flower-user {args.flower_user!r}: expected [A-Za-z0-9_.-]{{1,32}}")
+        address = args.hosts_address
+        if address is not None and not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", address):
+            raise Refused(f"--hosts-address {address!r}: expected a host name or an address")
         if folder.exists() and any(folder.iterdir()) and not args.force:
             raise Refused(f"{folder} exists: --force writes new passwords for everything")
     except Refused as exc:
@@ -270,11 +340,35 @@ def main(argv: list[str] | None = None) -> int:
     for name in COMMANDS:
         url = f"redis://{name}:{passwords[name]}@{args.redis_host}/0\n"
         files[f"redis-url-{name}"] = (url, 0o600)
+    keys = s3_keys()
+    files["s3.json"] = (s3_config(keys), 0o600)
+    for name in S3_ACTIONS:
+        files[f"aws-credentials-{name}"] = (aws_credentials(keys[name]), 0o600)
+    if address is None and (folder / "worker-host").exists():
+        shutil.rmtree(folder / "worker-host")  # its passwords are the old ones
+    if address is not None:
+        host = f"[{address}]" if ":" in address else address
+        bundle = "worker-host/secrets/"
+        files[bundle + "GENDERSCORE_REDIS_URL"] = (
+            f"redis://worker:{passwords['worker']}@{host}:6379/0\n",
+            0o600,
+        )
+        files[bundle + "GENDERSCORE_BROKER_URL"] = (
+            f"amqp://{RABBITMQ_USER}:{passwords['rabbitmq']}@{host}:5672/{RABBITMQ_VHOST}\n",
+            0o600,
+        )
+        files[bundle + "aws-credentials"] = (aws_credentials(keys["worker"]), 0o600)
+        files["worker-host/worker.env"] = (worker_env(host, prefix), 0o644)
+        for sub in ("worker-host", "worker-host/secrets"):
+            (folder / sub).mkdir(mode=0o700, exist_ok=True)
+            os.chmod(folder / sub, 0o700)
     for name, (text, mode) in files.items():
         write_file(folder / name, text, mode)
     write_env(env_path, {"GENDERSCORE_UID": str(uid), "GENDERSCORE_GID": str(gid)})
     if os.getuid() == 0:
-        for path in (folder, env_path, *(folder / name for name in files)):
+        subfolders = [folder / "worker-host", folder / "worker-host" / "secrets"]
+        made = [path for path in subfolders if path.is_dir()]
+        for path in (folder, *made, env_path, *(folder / name for name in files)):
             os.chown(path, uid, gid)
     sys.stdout.write(
         f"wrote {len(files)} files in {folder} and GENDERSCORE_UID={uid}, "

@@ -85,28 +85,29 @@ class S3Store:
     port: int
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
+    admin: tuple[str, str] = (ADMIN_KEY, ADMIN_SECRET)  # access key id and secret
 
     @property
     def endpoint(self) -> str:
         """The S3 endpoint URL."""
         return f"http://{self.host}:{self.port}"
 
-    def env(self, key: str = ADMIN_KEY, secret: str = ADMIN_SECRET) -> dict[str, str]:
-        """The standard variables a user sets to reach this store."""
+    def env(self, key: str | None = None, secret: str | None = None) -> dict[str, str]:
+        """The standard variables a user sets to reach this store (default: as admin)."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": key,
-            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_ACCESS_KEY_ID": key or self.admin[0],
+            "AWS_SECRET_ACCESS_KEY": secret or self.admin[1],
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
-    def filesystem(self, key: str = ADMIN_KEY, secret: str = ADMIN_SECRET) -> Any:
-        """An s3fs filesystem on this store (for the tests' own uploads)."""
+    def filesystem(self, key: str | None = None, secret: str | None = None) -> Any:
+        """An s3fs filesystem on this store (for the tests' own uploads; default: admin)."""
         import s3fs
 
         return s3fs.S3FileSystem(
-            key=key,
-            secret=secret,
+            key=key or self.admin[0],
+            secret=secret or self.admin[1],
             endpoint_url=self.endpoint,
             use_listings_cache=False,
             skip_instance_cache=True,
@@ -166,16 +167,28 @@ def weed_command(workdir: Path, host: str, ports: list[int]) -> list[str]:
 
 @contextmanager
 def s3_store(
-    host: str = "127.0.0.1", prefix_cmd: tuple[str, ...] = (), keep: Path | None = None
+    host: str = "127.0.0.1",
+    prefix_cmd: tuple[str, ...] = (),
+    keep: Path | None = None,
+    config: Path | None = None,
 ) -> Iterator[S3Store]:
     """A SeaweedFS S3 store on ``host`` (``prefix_cmd``: e.g. ``ip netns exec NS``).
 
     Fresh and removed afterwards, unless ``keep`` names a folder whose data it reuses
-    and keeps (the benchmark's 100,000 objects take minutes to upload).
+    and keeps (the benchmark's 100,000 objects take minutes to upload). ``config``: an
+    identities file of its own (docker/setup-secrets.py's s3.json) instead of the three
+    identities here (its identity with the Admin action is the store's ``admin``).
     """
     workdir = keep or Path(tempfile.mkdtemp(prefix="genderscore-s3-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    _s3_config(workdir / "s3.json")
+    admin = (ADMIN_KEY, ADMIN_SECRET)
+    if config is None:
+        _s3_config(workdir / "s3.json")
+    else:
+        shutil.copyfile(config, workdir / "s3.json")
+        identities = json.loads(config.read_text())["identities"]
+        first = next(i for i in identities if "Admin" in i["actions"])["credentials"][0]
+        admin = (first["accessKey"], first["secretKey"])
     (workdir / "data").mkdir(exist_ok=True)
     log = (workdir / "weed.log").open("ab")
     try:
@@ -187,7 +200,7 @@ def s3_store(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            store = S3Store(host, ports[6], workdir, proc)
+            store = S3Store(host, ports[6], workdir, proc, admin)
             try:
                 _wait_s3(store)
                 break

