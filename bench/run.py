@@ -84,6 +84,7 @@ class Plan:
     train_epochs: int = 6
     profile: str = "full"  # picture sizes: "full" (100x100..1024x768) or "quick"
     seed: int = 1
+    peers: bool = False  # also Ray Data's recipe (bench.peers; the bench-peers extra)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -349,6 +350,15 @@ def measure_naive(bench: Bench, count: int) -> dict[str, Any]:
     }
 
 
+def measure_ray(bench: Bench, count: int) -> dict[str, Any]:
+    """The peer: Ray Data's ``map_batches`` recipe on the same pictures (``bench.peers``)."""
+    from bench.peers import run_ray
+    from worker.settings import settings
+
+    out = bench.workdir / f"peer-ray-{token_hex(3)}"
+    return run_ray(bench.folder(count), bench.model, out, settings.batch_size)
+
+
 # --- the run ------------------------------------------------------------------------
 
 
@@ -450,6 +460,8 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         ("pipeline", lambda: measure_pipeline(bench, plan.n)),
         ("naive", lambda: measure_naive(bench, min(plan.naive_n, plan.n))),
     ]
+    if plan.peers:
+        phases.append(("peer_ray", lambda: measure_ray(bench, plan.n)))
     for name, action in phases:
         results[name] = _phase(name, action)
     results["settings"] = effective_settings(results["pipeline"]["worker_processes"])
@@ -589,6 +601,15 @@ def table(results: dict[str, Any]) -> str:
                if c.get("label_agreement") is not None else "")
             for p, c in results["model"]["twin"].items()),
     ]
+    if "peer_ray" in results:
+        ray = results["peer_ray"]
+        lines += ["", f"peer: Ray Data {ray['ray']} map_batches, {ray['actors']} actors: "
+                  f"{ray['images_per_s']} img/s on {ray['pictures']:,} pictures (its actors' "
+                  f"start and model loads included; ray.init {ray['ray_init_seconds']} s apart), "
+                  f"peak PSS {ray['peak_pss_mb']:.0f} MB"
+                  f"; (b) {pipe['images_per_s']} img/s = "
+                  f"{pipe['images_per_s'] / ray['images_per_s']:.2f}x the peer; peer / (a) = "
+                  f"{ray['images_per_s'] / local['images_per_s']:.2f}"]
     lines += ["", *cpu_table(results)]
     lines += ["", f"{'target':<52} {'value':>12} {'goal':>10}  met"]
     for t in results["targets"]:
@@ -663,6 +684,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {quick.n} small pictures, a {quick.model_size}x"
                         f"{quick.model_size} model, small counts")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run Ray Data's batch-inference recipe (needs the "
+                        "bench-peers extra)")
     parser.add_argument("--workdir", type=Path,
                         help="keep pictures, model, CSVs and logs here (reused by the next run)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
@@ -681,6 +705,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         naive_n=args.naive_n or base.naive_n,
         enqueue_n=args.enqueue or base.enqueue_n,
         collect_n=args.collect or base.collect_n,
+        peers=args.peers,
     )
 
 
