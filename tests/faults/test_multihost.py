@@ -8,8 +8,9 @@ root only, as CI runs):
   only in S3: they are generated in memory and uploaded, never written to a folder, and
   each worker runs in an empty folder of its own, with nothing but the models folder
   and the AWS_* variables a user would set;
-- ``prod``: the producer (list the prefix, enqueue, follow the run, collect the CSV)
-  and a Celery event monitor (what Flower would see: which worker finished which batch).
+- ``prod``: the producer, ``genderscore score s3://profiles/image/ --wait --out CSV``
+  (list the prefix, enqueue, follow the run, collect the CSV), and a Celery event
+  monitor (what Flower would see: which worker finished which batch).
 
 (a) One run of ``PICTURES`` pictures completes with exactly one row per userid and both
 worker hosts scored part of it. (b) A second run of the same prefix: once host ``w2``
@@ -59,34 +60,6 @@ PREFIX_URL = f"s3://{BUCKET}/image/"
 VISIBILITY = 30
 WORKERS = ("w1", "w2")
 
-# The producer, as `genderscore score s3://... --run-id RUN --wait --out CSV` does it:
-# list the prefix (nothing downloaded), enqueue, follow the run with its stall repair,
-# collect the CSV.
-PRODUCE = """
-import sys
-from pathlib import Path
-from producer.collect import collect
-from producer.enqueue import enqueue_run
-from producer.follow import follow_run
-from producer.sources import list_source
-from worker.celery import app
-from worker.model import check_model_file
-from worker.results import connect_checked
-from worker.settings import settings
-from worker.sources import PrefixSource
-
-url, run_id, out, timeout = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
-source = PrefixSource(url)
-listing = list_source(source, settings.picture_extensions)
-sha = check_model_file(settings.model)
-client = connect_checked()
-pairs = [(p.userid, p.name) for p in listing.pictures]
-enqueue_run(app, client, source.spec, pairs, settings.model, sha, run_id)
-follow_run(app, client, run_id, timeout=timeout)
-written = collect(client, run_id, out)
-print(f"scored {written.scored}, errors {written.errors}")
-"""
-
 # A Flower-free event monitor: every task and worker event, one JSON object a line.
 MONITOR = """
 import json, sys
@@ -118,9 +91,11 @@ class Cluster:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def produce(self, run_id: str, timeout: float) -> list[str]:
-        """The producer command line, run on the producer host."""
+        """The producer's command, run on the producer host: list the prefix (nothing
+        downloaded), enqueue, follow the run (with its stall repair), collect the CSV."""
         out = self.world.tmp / f"{run_id}.csv"
-        return [sys.executable, "-c", PRODUCE, PREFIX_URL, run_id, str(out), str(timeout)]
+        args = ["score", PREFIX_URL, "--run-id", run_id, "--wait", "--out", str(out)]
+        return [sys.executable, "-m", "producer.cli", *args, "--timeout", str(timeout)]
 
     def scored_by(self, run_id: str) -> dict[str, set[str]]:
         """Userids of ``run_id`` per worker host, from the batches each reported finished."""
@@ -288,7 +263,7 @@ def test_one_run_from_s3_is_shared_by_workers_on_two_hosts(cluster: Cluster) -> 
     )
     seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"scored {PICTURES}, errors 0" in done.stdout
+    assert f"scored {PICTURES}, errors 0" in done.stderr, done.stderr[-3000:]
     check_complete(cluster, cluster.world.tmp / f"{run_id}.csv")
 
     scored = cluster.scored_by(run_id)
