@@ -12,6 +12,13 @@
     worker process does before inference), from (a) the folder, (b) S3, (c) S3 behind
     a proxy adding ``--delay-ms`` to every request, each at ``--concurrency`` and at 1.
     Prints pictures per second and the ratio to the folder.
+
+``python -m bench.sources pipeline --pictures 1000 --delay-ms 20 [--quick]``
+    Issue 10's (d) against (b): ``genderscore score --wait --out`` with a real worker,
+    from the bench's pictures in a folder (b) and from the same pictures in S3 with
+    ``--delay-ms`` added to every request (d), alternating ``--repeats`` times on one
+    warm worker. Target: (d) >= 0.9x (b). ``s3_with_latency`` is the part ``bench.run``
+    can use for its own (d).
 """
 
 from __future__ import annotations
@@ -26,13 +33,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench.pictures import generate
-from producer.sources import list_source
 from tests.servers import S3Store, free_ports, s3_store, wait_port
-from worker.fetch import Fetcher, FetchPolicy
-from worker.preprocess import PictureError, preprocess
-from worker.sources import FolderSource, PictureRef, PrefixSource
+
+if TYPE_CHECKING:
+    from bench.run import Bench
+    from worker.fetch import FetchPolicy
+    from worker.sources import PictureRef
+
+# The project's modules are imported inside the functions: ``pipeline`` must set the
+# benchmark's environment (key prefix, model) before worker.settings is first imported.
 
 EXTS = (".jpg", ".jpeg", ".png", ".webp")
 BUCKET = "benchpics"
@@ -53,6 +65,9 @@ def _use_store(store: S3Store) -> None:
 
 def bench_listing(objects: int) -> None:
     """Time listing N objects (and N files) into references."""
+    from producer.sources import list_source
+    from worker.sources import FolderSource, PrefixSource
+
     workdir = CACHE / f"listing-{objects}"
     folder = workdir / "image"
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,6 +137,104 @@ def delay_proxy(store: S3Store, delay_ms: float) -> Iterator[str]:
         proc.wait(10)
 
 
+@contextmanager
+def s3_with_latency(
+    folder: Path, delay_ms: float = 20.0, bucket: str = BUCKET
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """Benchmark (d) of issue 10: ``folder``'s pictures in S3, every request ``delay_ms`` late.
+
+    Starts a fresh SeaweedFS store (``weed mini``), uploads every file of ``folder``
+    under ``s3://<bucket>/image/`` and starts ``bench.delayproxy`` before the store.
+    Yields ``(prefix_url, env)``: ``env`` holds the standard AWS_* variables with the
+    proxy as the endpoint, for the producer (``genderscore score <prefix_url> --wait``)
+    and the workers alike. Everything is stopped and removed when the block ends.
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTS)
+    with s3_store() as store:
+        fs = store.filesystem()
+        fs.mkdir(bucket)
+        started = time.perf_counter()
+        fs.put([str(p) for p in files], [f"{bucket}/image/{p.name}" for p in files])
+        print(f"uploaded {len(files)} pictures to S3 in {time.perf_counter() - started:.1f} s")
+        with delay_proxy(store, delay_ms) as endpoint:
+            yield f"s3://{bucket}/image/", store.env() | {"AWS_ENDPOINT_URL": endpoint}
+
+
+def score_source(bench: Bench, source: str, count: int, label: str,
+                 env: dict[str, str]) -> dict[str, Any]:
+    """One ``genderscore score SOURCE --wait --out`` run, timed as ``bench.run`` times (b):
+    from the run's creation (first enqueue) to the CSV written."""
+    from bench.pictures import userids
+    from bench.procs import genderscore
+    from bench.run import check_csv, csv_written_at
+    from worker.keys import run_keys
+
+    out = bench.workdir / f"{label}.csv"
+    wait_s = 120 + count / 5
+    cmd = genderscore(["score", source, "--wait", "--out", str(out), "--timeout",
+                       f"{wait_s:.0f}"], env, bench.workdir, timeout=wait_s + 60)
+    cmd.check(f"score --wait ({label})")
+    run_id = cmd.stdout.strip().splitlines()[-1]
+    meta = bench.client.hgetall(run_keys(run_id).meta)
+    started = float(meta["started_at"])
+    seconds = csv_written_at(out) - started
+    return {"pictures": count, "seconds": round(seconds, 2),
+            "images_per_s": round(count / seconds, 1),
+            **check_csv(out, userids(bench.pictures, count))}
+
+
+def bench_pipeline(pictures: int, delay_ms: float, quick: bool, repeats: int,
+                   concurrency: int | None) -> None:
+    """(b) the pipeline from the folder against (d) from S3 with latency, side by side.
+
+    One worker (the project's default settings, plus the AWS_* variables of the store)
+    serves every run: a warm-up run loads the model, then (b) and (d) alternate
+    ``repeats`` times, so that a change of the machine's load hits both.
+    """
+    import tempfile
+    from dataclasses import replace
+
+    from bench.procs import bench_env, celery_worker
+    from bench.run import Plan, setup, use_private_prefix, warmup_size
+
+    plan = replace(Plan.quick() if quick else Plan(), n=pictures, sizes=(pictures,))
+    workdir = CACHE / f"pipeline-{plan.profile}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    prefix = use_private_prefix(workdir, plan)
+    bench = setup(plan, workdir)
+    folder = bench.folder(pictures)
+    args = (f"--concurrency={concurrency}",) if concurrency else ()
+    runs: dict[str, list[dict[str, Any]]] = {"b": [], "d": []}
+    try:
+        with s3_with_latency(folder, delay_ms) as (url, s3_env):
+            env = bench_env(s3_env)
+            with tempfile.TemporaryDirectory() as logs, celery_worker(
+                "worker", "score", "bench-sources", env, Path(logs) / "worker.log", args
+            ) as worker:
+                warm_n = warmup_size(bench, len(worker.pool_pids()))
+                score_source(bench, str(bench.folder(warm_n)), warm_n, "warmup", env)
+                for n in range(repeats):
+                    runs["b"].append(score_source(bench, str(folder), pictures, f"b{n}", env))
+                    runs["d"].append(score_source(bench, url, pictures, f"d{n}", env))
+                processes = len(worker.pool_pids()) or 1
+    finally:
+        from bench.micro import delete_prefix
+
+        delete_prefix(bench.client, f"{prefix}:")
+    from worker.settings import settings
+
+    best = {k: max(r["images_per_s"] for r in v) for k, v in runs.items()}
+    print(f"{pictures} pictures ({plan.profile} profile, model {plan.model_size}x"
+          f"{plan.model_size}), one worker of {processes} pool processes, fetch concurrency "
+          f"{settings.fetch_concurrency} per process; load average {os.getloadavg()[0]:.2f}")
+    for kind, label in (("b", "(b) folder"), ("d", f"(d) S3 + {delay_ms:g} ms/request")):
+        rates = ", ".join(f"{r['images_per_s']:.1f}" for r in runs[kind])
+        print(f"{label:28s} pictures/s per run: {rates}")
+    ratio = best["d"] / best["b"]
+    print(f"(d)/(b), best of {repeats}: {ratio:.2f} (target >= 0.9: "
+          f"{'met' if ratio >= 0.9 else 'NOT met'})")
+
+
 def _process_cpu(pid: int) -> float:
     """CPU seconds (user + system) of process ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -132,6 +245,9 @@ def _fetch_and_prepare(
     source: object, refs: list[PictureRef], policy: FetchPolicy, store: S3Store
 ) -> tuple[float, float, float]:
     """Pictures/s, this process's CPU ms and the store's CPU ms per picture."""
+    from worker.fetch import Fetcher
+    from worker.preprocess import PictureError, preprocess
+
     fetcher = Fetcher(policy)
     assert store.proc is not None
     store_cpu, own_cpu = _process_cpu(store.proc.pid), time.process_time()
@@ -155,6 +271,10 @@ def _fetch_and_prepare(
 
 def bench_fetch(pictures: int, delay_ms: float, concurrency: int) -> None:
     """Pictures per second fetched and preprocessed: folder, S3, S3 with latency."""
+    from producer.sources import list_source
+    from worker.fetch import FetchPolicy
+    from worker.sources import FolderSource, PrefixSource
+
     pics = generate(CACHE / "pictures-full", pictures)
     folder = FolderSource(pics.folder)
     listing = list_source(folder, (".jpg",))
@@ -200,12 +320,21 @@ def main() -> None:
     fetch.add_argument("--pictures", type=int, default=1000)
     fetch.add_argument("--delay-ms", type=float, default=20.0)
     fetch.add_argument("--concurrency", type=int, default=16)
+    pipeline = sub.add_parser("pipeline")
+    pipeline.add_argument("--pictures", type=int, default=1000)
+    pipeline.add_argument("--delay-ms", type=float, default=20.0)
+    pipeline.add_argument("--repeats", type=int, default=2)
+    pipeline.add_argument("--quick", action="store_true", help="bench.run's quick profile")
+    pipeline.add_argument("--worker-concurrency", type=int, help="pool processes (cores)")
     args = parser.parse_args()
     print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores")
     if args.what == "listing":
         bench_listing(args.objects)
-    else:
+    elif args.what == "fetch":
         bench_fetch(args.pictures, args.delay_ms, args.concurrency)
+    else:
+        bench_pipeline(args.pictures, args.delay_ms, args.quick, args.repeats,
+                       args.worker_concurrency)
 
 
 if __name__ == "__main__":
