@@ -14,8 +14,9 @@ Choosing (``GENDERSCORE_RUNTIME``, ``GENDERSCORE_PRECISION``):
   ``worker.model.check_model_file``).
 - precision ``auto``: of the precisions that passed at export and that this CPU runs
   natively, the fastest measured at export (``ms_per_picture``); when one of them could
-  not be timed there (a precision the exporting CPU lacks), the first of int8, bf16, f32. An explicit precision must have passed;
-  one that failed is refused with its figures.
+  not be timed there (a precision the exporting CPU lacks), the first of int8, bf16,
+  f32. An explicit precision must have passed; one that failed is refused with its
+  figures.
 - A twin is refused, whatever the settings, when its bytes do not match the recorded
   sha256, when it holds operators outside OpenVINO's standard opsets (custom
   operators), or when its input shape differs from the ``.h5``'s.
@@ -386,7 +387,8 @@ def with_pixel_input(graph: Any) -> Any:
     ppp.input().tensor().set_element_type(openvino.Type.u8)
     steps = ppp.input().preprocess()
     steps.convert_element_type(openvino.Type.f32)
-    steps.custom(lambda node: ops.multiply(node, ops.constant(np.float32(PIXEL_SCALE))))
+    factor = ops.constant(np.float32(PIXEL_SCALE))
+    steps.custom(lambda node: ops.multiply(node, factor).output(0))
     return ppp.build()
 
 
