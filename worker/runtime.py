@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -78,6 +79,8 @@ class PrecisionCheck(BaseModel):
     median_abs_dp: float | None = None
     max_abs_dp: float | None = None
     ms_per_picture: float | None = None  # on the exporting machine, batch 16
+    # Checked by emulation (bf16 on a CPU without it): figures, but no speed.
+    emulated: bool = False
     reason: str = ""  # why it failed or was not measured
 
     def figures(self) -> str:
@@ -87,7 +90,7 @@ class PrecisionCheck(BaseModel):
         return (
             f"labels agree {self.label_agreement * 100:.2f} %, median |dp| "
             f"{self.median_abs_dp:.1e}, max |dp| {self.max_abs_dp or 0.0:.1e} "
-            f"({self.pictures:,} pictures)"
+            f"({self.pictures:,} pictures{', emulated' if self.emulated else ''})"
         )
 
 
@@ -422,9 +425,17 @@ def _compile(graph: Any, config: dict[str, Any], path: Path, precision: Precisio
 
 
 def compile_twin(
-    model_path: Path, data: bytes, precision: Precision, input_size: tuple[int, int], threads: int
+    model_path: Path,
+    data: bytes,
+    precision: Precision,
+    input_size: tuple[int, int],
+    threads: int,
+    edit: Callable[[Any], None] | None = None,
 ) -> TwinModel:
-    """Read a twin's bytes with OpenVINO, refuse what is not plain and shaped right, compile."""
+    """Read a twin's bytes with OpenVINO, refuse what is not plain and shaped right, compile.
+
+    ``edit`` changes the checked graph in place before it is compiled (the export's bf16
+    emulation, ``training.export.round_to_bf16``)."""
     core = openvino_core()
     try:
         graph = core.read_model(data)
@@ -457,6 +468,8 @@ def compile_twin(
 
     if graph.inputs[0].get_element_type() != openvino.Type.f32:
         raise ModelError(f"twin of {model_path.name} must take float32 inputs: refused")
+    if edit is not None:
+        edit(graph)
     config = serving_config(precision, threads)
     return TwinModel(graph, config, model_path.with_suffix(".onnx"), precision, input_size)
 
