@@ -42,7 +42,13 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from worker.model import MAX_INPUT_SIDE, ModelError, ModelMetadata, file_sha256
+from worker.model import (
+    MAX_INPUT_SIDE,
+    ModelError,
+    ModelMetadata,
+    file_sha256,
+    read_metadata,
+)
 from worker.preprocess import PIXEL_SCALE
 from worker.settings import settings
 
@@ -226,6 +232,17 @@ def read_twin_bytes(model_path: Path, check: PrecisionCheck) -> bytes:
             f"({(check.sha256 or '')[:12]}...): refused"
         )
     return data
+
+
+def twin_recorded(model_path: Path) -> bool:
+    """Whether the model's metadata records a twin that the settings would serve (read
+    without OpenVINO; nothing verified: the load does that)."""
+    if settings.runtime == "keras":
+        return False
+    try:
+        return read_twin(read_metadata(model_path.resolve())) is not None
+    except (ModelError, OSError):
+        return False
 
 
 def tensorflow_installed() -> bool:
