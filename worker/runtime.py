@@ -21,6 +21,12 @@ Choosing (``GENDERSCORE_RUNTIME``, ``GENDERSCORE_PRECISION``):
   sha256, when it holds operators outside OpenVINO's standard opsets (custom
   operators), or when its input shape differs from the ``.h5``'s.
 
+Serving: the twin takes the uint8 pixels of ``worker.preprocess.pixels`` and multiplies
+them by ``worker.preprocess.PIXEL_SCALE`` as the first step of its graph
+(``with_pixel_input``), which OpenVINO folds into the first convolution; it is
+compiled for one pool process's threads with its precision explicit
+(``serving_config``) and warmed up by one pass at load.
+
 OpenVINO, like TensorFlow, is imported inside functions only: the worker's parent
 process must not start its threads before the pool forks. ``check_runtime`` needs
 neither.

@@ -1,8 +1,10 @@
 """Batched scoring: pictures -> outcomes, shared by the Celery worker and ``--local``.
 
 Outcomes stay aligned with their userids by construction (each carries its userid);
-the forward pass runs on whole batches with ``predict_on_batch``, never one
-``model.predict`` per picture.
+the forward pass runs on whole batches (``predict_pixels``), never one
+``model.predict`` per picture. Pictures stay uint8 pixels until then: Keras gets each
+batch scaled by ``worker.preprocess.scale``, the compiled twin the pixels themselves
+(it applies the same factor in its graph).
 """
 
 from __future__ import annotations

@@ -123,6 +123,16 @@ def test_export_command_checks_each_precision_on_calibration_pictures(
     lines = result.output.splitlines()
     assert any(line.strip().startswith("f32: labels agree 100.00 %") for line in lines), lines
     assert "GENDERSCORE_PRECISION=auto serves" in result.output
+    from worker.runtime import cpu_capabilities
+
+    f32, bf16 = twin["precisions"]["f32"], twin["precisions"]["bf16"]
+    if "BF16" in cpu_capabilities():  # measured for real, timed
+        assert not bf16["emulated"] and bf16["ms_per_picture"] is not None
+    else:  # OpenVINO would run f32: bf16 is emulated, its figures kept, no speed
+        assert bf16["emulated"] and bf16["ms_per_picture"] is None
+        assert "emulated" in result.output
+    # bf16 rounding (8 bits of mantissa) shows; f32 differs from Keras by rounding only.
+    assert bf16["max_abs_dp"] > 100 * f32["max_abs_dp"] and bf16["max_abs_dp"] > 1e-5
     for precision, check in twin["precisions"].items():
         assert check["pictures"] in (0, 240)
         if check["passed"]:
