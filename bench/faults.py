@@ -80,23 +80,29 @@ def soak(broker: str, rounds: int, pictures: int, workdir: Path, seed: int) -> l
     with ExitStack() as stack:
         stack.callback(world.close)
         victim = stack.enter_context(world.worker("soak"))
-        # The run's length with nobody killed, the worker warm: the window a kill is
-        # drawn from.
+        # The run's length with nobody killed, the worker warm, from the producer's
+        # start (its command returns only after a consumer check, while the workers
+        # already score): the window a kill is drawn from.
         for run_id in ("warm-up", "calibrate"):
+            began = time.monotonic()
             world.cli("score", str(folder), "--run-id", run_id)
-            length = _wait(lambda run=run_id: _settled(world, run) >= pictures, 300)
+            _wait(lambda run=run_id: _settled(world, run) >= pictures, 300)
+            length = time.monotonic() - began
         for n in range(rounds):
             run_id = f"soak-{n:02d}"
+            began = time.monotonic()
             world.cli("score", str(folder), "--run-id", run_id)
-            # Between the first tenth and 70 % of the run: the kill lands mid-run (a
-            # replacement worker's first batches are slower, the window leaves room).
-            time.sleep(rng.uniform(0.1, 0.7) * length)
+            # Between 20 % and 70 % of the run from the producer's start: mid-run.
+            time.sleep(max(0.0, began + rng.uniform(0.2, 0.7) * length - time.monotonic()))
             at_kill = _settled(world, run_id)
             os.killpg(victim.pid, signal.SIGKILL)
             victim.wait(10)
             killed = time.monotonic()
             victim = stack.enter_context(world.worker(f"soak{n}"))
             took = _wait(lambda run=run_id: _settled(world, run) >= pictures, 600)
+            if at_kill >= pictures or at_kill == 0:
+                # The kill missed the run's middle: say so, the round proves less.
+                print(f"round {n}: killed with {at_kill} of {pictures} settled", file=sys.stderr)
             out = workdir / f"{broker}-{run_id}.csv"
             world.cli("collect", run_id, "--out", str(out))
             rows = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
