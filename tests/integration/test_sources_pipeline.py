@@ -236,6 +236,18 @@ def test_score_an_s3_prefix_end_to_end_without_leaking_credentials(
         assert secret not in text
     world.client.delete(f"{world.prefix(idle=True)}:score")
 
+    # --local: the same objects fetched and scored in this process, the same results.
+    local = tmp_path / "local.csv"
+    result = CliRunner().invoke(
+        main, ["score", PREFIX, "--local", "--out", str(local)], env=world.store.env()
+    )
+    assert result.exit_code == 0, result.output
+    by_worker = {r["userid"]: float(r["p_female"]) for r in rows}
+    local_rows = read_csv(local)
+    assert [r["userid"] for r in local_rows] == sorted(by_worker)
+    for row in local_rows:
+        assert abs(float(row["p_female"]) - by_worker[row["userid"]]) < 1e-5, row
+
 
 def test_only_new_on_a_prefix_uses_the_listing(world: World, tmp_path: Path) -> None:
     first = tmp_path / "first.csv"  # scores what is not scored yet (nothing, after the above)
@@ -273,6 +285,13 @@ def test_missing_bucket_and_denied_listing_are_one_line(world: World) -> None:
     assert "no such bucket or prefix" in line
     line = refusal(["score", f"s3://{BUCKET}/no/such/prefix/"], env)
     assert "no such bucket or prefix" in line
+    # --allow-empty: a prefix with nothing under it is an empty run; a missing bucket
+    # is still refused.
+    empty = ["score", f"s3://{BUCKET}/no/such/prefix/", "--allow-empty"]
+    result = CliRunner().invoke(main, empty, env=env)
+    assert result.exit_code == 0 and ": 0 tasks enqueued" in result.output, result.output
+    missing = ["score", f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/x/", "--allow-empty"]
+    assert "no such bucket or prefix" in refusal(missing, env)
     # The reader identity may read objects but not list them: S3's own 403.
     denied = world.store.env(READER_KEY, READER_SECRET)
     line = refusal(["score", PREFIX], denied)
