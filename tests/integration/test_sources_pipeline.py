@@ -349,6 +349,7 @@ def test_score_a_manifest_of_urls_with_every_failure(
     served = {f"m{u}": http_server.url(f"/pics/m{u}.jpg") for u in good}
     expected_errors = {
         "gone": (http_server.url("/pics/gone.jpg"), "not_found"),
+        "nokey": (f"{PREFIX}nothere.jpg", "not_found"),  # a missing key of the store
         "denied": (http_server.url("/status/403"), "forbidden"),
         "huge": (http_server.url("/huge"), "too_large"),
         "loop": (http_server.url("/loop/a"), "fetch_failed"),
