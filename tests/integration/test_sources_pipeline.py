@@ -350,6 +350,11 @@ def test_score_a_manifest_of_urls_with_every_failure(
     expected_errors = {
         "gone": (http_server.url("/pics/gone.jpg"), "not_found"),
         "nokey": (f"{PREFIX}nothere.jpg", "not_found"),  # a missing key of the store
+        # A redirect to the cloud metadata service: refused by the worker, not followed.
+        "redirected": (
+            http_server.url("/redirect?to=http://169.254.169.254/latest/meta-data/"),
+            "blocked_url",
+        ),
         "denied": (http_server.url("/status/403"), "forbidden"),
         "huge": (http_server.url("/huge"), "too_large"),
         "loop": (http_server.url("/loop/a"), "fetch_failed"),
@@ -490,3 +495,13 @@ def test_nightly_run_on_a_prefix_scores_new_and_changed_objects(
         wait_until(lambda: len(dated()) >= 2, 120, "the second nightly CSV")
     assert [r["userid"] for r in read_csv(dated()[1])] == ["added", "ns003"]
     assert "Traceback" not in world.worker_log.read_text(errors="replace")
+
+
+def test_no_credential_anywhere_after_every_run(world: World) -> None:
+    """After all of the above (runs, errors, repairs, nightly runs): Redis, the worker's
+    log and every command's output still hold no credential of the store."""
+    text = world.dump() + world.worker_log.read_text(errors="replace")
+    text += "\n".join(world.cli_output)
+    for secret in (ADMIN_SECRET, ADMIN_KEY, READER_SECRET):
+        assert secret not in text
+    assert "X-Amz-Signature" not in text and "X-Amz-Credential" not in text
