@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -66,6 +67,12 @@ def _settled(world: BrokerWorld, run_id: str) -> int:
     return int(world.client.hlen(keys.pred)) + int(world.client.hlen(keys.err))
 
 
+def _background(function: Any, *args: str) -> threading.Thread:
+    thread = threading.Thread(target=function, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
 def soak(broker: str, rounds: int, pictures: int, workdir: Path, seed: int) -> list[dict[str, Any]]:
     """``rounds`` kill-and-replace rounds on one broker; one record per round."""
     rng = random.Random(seed)
@@ -85,19 +92,22 @@ def soak(broker: str, rounds: int, pictures: int, workdir: Path, seed: int) -> l
         # already score): the window a kill is drawn from.
         for run_id in ("warm-up", "calibrate"):
             began = time.monotonic()
-            world.cli("score", str(folder), "--run-id", run_id)
+            producer = _background(world.cli, "score", str(folder), "--run-id", run_id)
             _wait(lambda run=run_id: _settled(world, run) >= pictures, 300)
             length = time.monotonic() - began
+            producer.join()
         for n in range(rounds):
             run_id = f"soak-{n:02d}"
             began = time.monotonic()
-            world.cli("score", str(folder), "--run-id", run_id)
-            # Between 20 % and 70 % of the run from the producer's start: mid-run.
+            producer = _background(world.cli, "score", str(folder), "--run-id", run_id)
+            # Between 20 % and 70 % of the run from the producer's start: mid-run (the
+            # workers may be done before the producer's command returns).
             time.sleep(max(0.0, began + rng.uniform(0.2, 0.7) * length - time.monotonic()))
             at_kill = _settled(world, run_id)
             os.killpg(victim.pid, signal.SIGKILL)
             victim.wait(10)
             killed = time.monotonic()
+            producer.join()
             victim = stack.enter_context(world.worker(f"soak{n}"))
             took = _wait(lambda run=run_id: _settled(world, run) >= pictures, 600)
             if at_kill >= pictures or at_kill == 0:
