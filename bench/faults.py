@@ -5,7 +5,7 @@
 For each broker, one world of its own (a private Redis with AOF as broker and store, or
 a private RabbitMQ node as broker with the test Redis as store; both as in the fault
 tests), then ``--rounds`` times: a warm worker is scoring a fresh run of ``--pictures``
-pictures; at a random moment of the run (uniform over the run's measured length) the
+pictures; once a random share of the run (10 % to 70 %, uniform) is settled the
 worker's whole process group gets SIGKILL; a new worker is started; the run must
 complete with no help but the workers' own (no ``--wait``, no ``reconcile``). Each round
 reports the userids lost, duplicate rows in the collected CSV, extra deliveries, the
@@ -53,12 +53,12 @@ def cpu_model() -> str:
     )
 
 
-def _wait(condition: Any, timeout: float) -> float:
+def _wait(condition: Any, timeout: float, poll: float = 0.1) -> float:
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"not done after {timeout:.0f}s")
-        time.sleep(0.1)
+        time.sleep(poll)
     return time.monotonic() - started
 
 
@@ -87,22 +87,17 @@ def soak(broker: str, rounds: int, pictures: int, workdir: Path, seed: int) -> l
     with ExitStack() as stack:
         stack.callback(world.close)
         victim = stack.enter_context(world.worker("soak"))
-        # The run's length with nobody killed, the worker warm, from the producer's
-        # start (its command returns only after a consumer check, while the workers
-        # already score): the window a kill is drawn from.
-        for run_id in ("warm-up", "calibrate"):
-            began = time.monotonic()
-            producer = _background(world.cli, "score", str(folder), "--run-id", run_id)
-            _wait(lambda run=run_id: _settled(world, run) >= pictures, 300)
-            length = time.monotonic() - began
-            producer.join()
+        # A warm-up run loads the model in every pool process.
+        world.cli("score", str(folder), "--run-id", "warm-up")
+        _wait(lambda: _settled(world, "warm-up") >= pictures, 300)
         for n in range(rounds):
             run_id = f"soak-{n:02d}"
-            began = time.monotonic()
             producer = _background(world.cli, "score", str(folder), "--run-id", run_id)
-            # Between 20 % and 70 % of the run from the producer's start: mid-run (the
-            # workers may be done before the producer's command returns).
-            time.sleep(max(0.0, began + rng.uniform(0.2, 0.7) * length - time.monotonic()))
+            # The kill lands mid-run: once a random share (10 % to 70 %) of the run is
+            # settled, polled every 5 ms (the workers may be done before the producer's
+            # command returns, so it runs beside).
+            target = int(rng.uniform(0.1, 0.7) * pictures)
+            _wait(lambda run=run_id, t=target: _settled(world, run) >= t, 300, 0.005)
             at_kill = _settled(world, run_id)
             os.killpg(victim.pid, signal.SIGKILL)
             victim.wait(10)
