@@ -1,8 +1,9 @@
 """``genderscore ARGS``, stamping when the command starts and when its model is loaded.
 
 ``python -m bench.clirun score DIR --local`` runs exactly ``genderscore score DIR
---local``. On stderr, ``bench-clirun-start <unix time>`` marks the command's start
-(after Python's own start-up) and ``bench-clirun-model-loaded <unix time>`` the end of
+--local``. On stderr, ``bench-clirun-start <unix time> <cpu seconds>`` marks the
+command's start (after Python's own start-up and the CLI's imports) with the CPU the
+process has used by then, and ``bench-clirun-model-loaded <unix time>`` the end of
 each ``worker.model.load_bundle`` call, so the benchmark can time ``--local`` with and
 without TensorFlow's import and the model load. Observing only: nothing else changes.
 """
@@ -31,7 +32,8 @@ def main() -> None:
         return bundle
 
     worker.model.load_bundle = stamped  # producer.local imports it when it runs
-    print(f"{START_MARK} {time.time():.6f}", file=sys.stderr, flush=True)
+    print(f"{START_MARK} {time.time():.6f} {time.process_time():.4f}", file=sys.stderr,
+          flush=True)
     genderscore(sys.argv[1:], prog_name="genderscore")
 
 

@@ -11,6 +11,7 @@ turns the differences into milliseconds per picture.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,36 @@ def redis_server_pid(client: Any) -> int | None:
     except Exception:  # another host, or INFO refused
         return None
     return pid if Path(f"/proc/{pid}").exists() else None
+
+
+class StartWhenRunExists:
+    """A block that starts ``meter`` when ``key`` (a run's metadata) appears in Redis and
+    stops it when the block ends: the measured span is the run's, from its creation, not
+    the producer's start-up. Polls every 5 ms on a thread; with no meter, does nothing."""
+
+    def __init__(self, client: Any, key: str, meter: CpuMeter | None) -> None:
+        self.client, self.key, self.meter = client, key, meter
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        assert self.meter is not None
+        while not self.done.is_set():
+            if self.client.exists(self.key):
+                self.meter.start()
+                return
+            self.done.wait(0.005)
+
+    def __enter__(self) -> StartWhenRunExists:
+        if self.meter is not None:
+            self.meter.snapshots = []
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.meter is None:
+            return
+        self.done.set()
+        self.thread.join()
+        if self.meter.snapshots:
+            self.meter.stop()

@@ -151,6 +151,8 @@ class CommandResult:
     model_loaded: float  # unix time ``score --local`` had its model loaded (else nan)
     ended: float  # unix time the process exited
     max_rss_mb: float  # its peak resident memory
+    cpu_seconds: float = 0.0  # its CPU (user + system), from wait4, threads included
+    startup_cpu_seconds: float = 0.0  # of which before the command began (imports)
 
     def check(self, what: str) -> CommandResult:
         """Raise with the command's output when it failed."""
@@ -181,9 +183,10 @@ def genderscore(args: Sequence[str], env: dict[str, str], workdir: Path,
     ended = time.time()
     proc.returncode = os.waitstatus_to_exitcode(status)
     stderr = stderr_path.read_text(errors="replace")
-    marks = {line.split()[0]: float(line.split()[1]) for line in stderr.splitlines()
-             if line.startswith((START_MARK, LOADED_MARK))}
+    marks = {line.split()[0]: [float(x) for x in line.split()[1:]]
+             for line in stderr.splitlines() if line.startswith((START_MARK, LOADED_MARK))}
+    start = marks.get(START_MARK, [float("nan"), 0.0])
     return CommandResult(proc.returncode, stdout_path.read_text(errors="replace"), stderr,
-                         marks.get(START_MARK, float("nan")),
-                         marks.get(LOADED_MARK, float("nan")), ended,
-                         kib_to_mb(usage.ru_maxrss))
+                         start[0], marks.get(LOADED_MARK, [float("nan")])[0], ended,
+                         kib_to_mb(usage.ru_maxrss), usage.ru_utime + usage.ru_stime,
+                         start[1] if len(start) > 1 else 0.0)

@@ -45,6 +45,7 @@ from pathlib import Path
 from secrets import token_hex
 from typing import TYPE_CHECKING, Any
 
+from bench.cpu import CpuMeter, StartWhenRunExists, redis_server_pid
 from bench.modelfile import make_in_subprocess
 from bench.pictures import PictureSet, generate, subset, userids
 from bench.procs import ROOT, bench_env, celery_worker, genderscore
@@ -61,6 +62,9 @@ TARGETS = {
     # issue 11: the twin against Keras, on a CPU with AMX or AVX-512 BF16/VNNI (else 1.0)
     "twin_over_keras": 2.0, "cold_start_s": 2.0, "label_agreement": 0.995,
     "median_abs_dp": 1e-3,
+    # issue 12: the machinery's CPU per picture during the warm (b) run
+    "b_over_a_default": 0.93, "worker_main_ms": 0.25, "idle_share": 0.03,
+    "redis_producer_ms": 0.15,
 }
 KERAS = {"GENDERSCORE_RUNTIME": "keras"}
 
@@ -80,6 +84,7 @@ class Plan:
     train_epochs: int = 6
     profile: str = "full"  # picture sizes: "full" (100x100..1024x768) or "quick"
     seed: int = 1
+    peers: bool = False  # also Ray Data's recipe (bench.peers; the bench-peers extra)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -147,16 +152,24 @@ def measure_local(bench: Bench, count: int, env: dict[str, str] | None = None,
     """(a) ``genderscore score --local``: model loaded (warm) or command start (cold) to CSV."""
     folder = bench.folder(count)
     out = bench.workdir / f"{label}-{count}.csv"
+    meter = CpuMeter(None, None)
+    meter.start()
     cmd = genderscore(["score", str(folder), "--local", "--out", str(out)], bench_env(env),
                       bench.workdir, timeout=120 + count).check("score --local")
+    meter.stop()
     written = csv_written_at(out)
     seconds, cold = written - cmd.model_loaded, written - cmd.started
+    cpu = meter.per_picture(count, cmd.cpu_seconds - cmd.startup_cpu_seconds)
     return {
         "pictures": count, "seconds": round(seconds, 2),
         "images_per_s": round(count / seconds, 1),
         "cold_seconds": round(cold, 2),  # with the scan, TensorFlow's import and the model load
         "cold_images_per_s": round(count / cold, 1),
         "peak_rss_mb": cmd.max_rss_mb,
+        # the one process, after its imports (model load and scan included); the idle
+        # share is over the whole command, start-up included
+        "cpu_ms_per_picture": cpu["ms_per_picture"]["producer"],
+        "idle_share": cpu["idle_share"],
         "served_by": served_by(cmd.stderr),
         "csv": str(out),
         **check_csv(out, userids(bench.pictures, count)),
@@ -219,16 +232,23 @@ def warmup_size(bench: Bench, processes: int) -> int:
 
 
 def score_run(bench: Bench, folder: Path, count: int, label: str,
-              env: dict[str, str]) -> dict[str, Any]:
-    """One ``genderscore score --wait --out`` run: first enqueue to CSV written."""
+              env: dict[str, str], meter: CpuMeter | None = None) -> dict[str, Any]:
+    """One ``genderscore score --wait --out`` run: first enqueue to CSV written.
+
+    With a ``meter``, CPU per picture by component from the run's creation (seen in
+    Redis) to the command's end; the producer's own CPU after its imports.
+    """
+    from producer.enqueue import new_run_id
     from worker.keys import run_keys
 
     out = bench.workdir / f"{label}.csv"
     wait_s = 120 + count / 5
-    cmd = genderscore(["score", str(folder), "--wait", "--out", str(out),
-                       "--timeout", f"{wait_s:.0f}"], env, bench.workdir,
-                      timeout=wait_s + 60).check(f"score --wait ({label})")
-    run_id = cmd.stdout.strip().splitlines()[-1]
+    run_id = new_run_id()
+    watch = StartWhenRunExists(bench.client, run_keys(run_id).meta, meter)
+    with watch:
+        cmd = genderscore(["score", str(folder), "--wait", "--out", str(out), "--run-id",
+                           run_id, "--timeout", f"{wait_s:.0f}"], env, bench.workdir,
+                          timeout=wait_s + 60).check(f"score --wait ({label})")
     meta = bench.client.hgetall(run_keys(run_id).meta)
     started, finished = float(meta["started_at"]), float(meta["finished_at"])
     written = csv_written_at(out)
@@ -240,23 +260,26 @@ def score_run(bench: Bench, folder: Path, count: int, label: str,
         "command_seconds": round(written - cmd.started, 2),  # with the scan
         "producer_peak_rss_mb": cmd.max_rss_mb,
         **check_csv(out, userids(bench.pictures, count)),
-    }
+    } | ({"cpu": meter.per_picture(count, cmd.cpu_seconds - cmd.startup_cpu_seconds)
+          | {"producer_startup_ms": round(1000 * cmd.startup_cpu_seconds, 1)}}
+         if meter and meter.snapshots else {})
 
 
 def measure_pipeline(bench: Bench, count: int, label: str = "",
                      worker_env: dict[str, str] | None = None,
-                     worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
+                     worker_args: tuple[str, ...] = (), app: str = "worker") -> dict[str, Any]:
     """(b) fresh workers; a warm-up run loads the model (cold), then the timed run (warm)."""
     from worker.keys import model_loads
 
     label = label or f"pipeline-{count}"
     bench.client.delete(model_loads())
     env = bench_env(worker_env)
-    with celery_worker("worker", "score", f"bench-{label}", env, bench.logs(label),
+    with celery_worker(app, "score", f"bench-{label}", env, bench.logs(label),
                        worker_args) as worker:
         warm_n = warmup_size(bench, len(worker.pool_pids()))
         cold = score_run(bench, bench.folder(warm_n), warm_n, f"{label}-warmup", env)
-        result = score_run(bench, bench.folder(count), count, label, env)
+        meter = CpuMeter(worker.proc.pid, redis_server_pid(bench.client))
+        result = score_run(bench, bench.folder(count), count, label, env, meter)
         rss = worker.peak_rss_mb()
         processes = len(worker.pool_pids()) or 1  # solo and threads: the main process scores
     loads = {k: int(v) for k, v in bench.client.hgetall(model_loads()).items()}
@@ -301,12 +324,16 @@ def measure_naive(bench: Bench, count: int) -> dict[str, Any]:
             send("naive-warmup", uids[sent % count : sent % count + 1])
             sent += 1
             time.sleep(0.5)
-        wait("naive-warmup", sent, warm_started, 180)
+        # Userids wrap around past ``count``: a slow model load means more sends than pictures.
+        wait("naive-warmup", min(sent, count), warm_started, 180)
         warmup_seconds = time.time() - warm_started
         run = f"naive-{token_hex(3)}"
+        meter = CpuMeter(worker.proc.pid, redis_server_pid(bench.client))
+        meter.start()
         started = time.time()
         send(run, uids)
         wait(run, count, started, 120 + count * 2)
+        meter.stop()
         values = bench.client.hgetall(results_key(run))
         write_csv_atomic(out, ("userid", "p"), sorted(values.items()))
         seconds = csv_written_at(out) - started
@@ -318,8 +345,18 @@ def measure_naive(bench: Bench, count: int) -> dict[str, Any]:
         "warmup": {"pictures": sent, "seconds": round(warmup_seconds, 2)},
         "worker_peak_rss_mb": rss, "worker_processes": processes,
         "model_loads": sum(loads.values()),
+        "cpu": meter.per_picture(count),  # its producer is this process: not counted
         **check_csv(out, uids),
     }
+
+
+def measure_ray(bench: Bench, count: int) -> dict[str, Any]:
+    """The peer: Ray Data's ``map_batches`` recipe on the same pictures (``bench.peers``)."""
+    from bench.peers import run_ray
+    from worker.settings import settings
+
+    out = bench.workdir / f"peer-ray-{token_hex(3)}"
+    return run_ray(bench.folder(count), bench.model, out, settings.batch_size)
 
 
 # --- the run ------------------------------------------------------------------------
@@ -423,6 +460,8 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         ("pipeline", lambda: measure_pipeline(bench, plan.n)),
         ("naive", lambda: measure_naive(bench, min(plan.naive_n, plan.n))),
     ]
+    if plan.peers:
+        phases.append(("peer_ray", lambda: measure_ray(bench, plan.n)))
     for name, action in phases:
         results[name] = _phase(name, action)
     results["settings"] = effective_settings(results["pipeline"]["worker_processes"])
@@ -465,6 +504,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the issue with the measured value and whether it is met."""
     pipeline, collected = results["pipeline"], results["collect"]
     worker_rss = max(v for run in results["scaling"] for v in run["worker_peak_rss_mb"].values())
+    cpu = pipeline["cpu"]["ms_per_picture"]
     return [
         _target("(a) default runtime / keras", results["ratios"]["twin_over_keras"], ">=",
                 TARGETS["twin_over_keras"] if fast_cpu() else 1.0),
@@ -474,7 +514,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 ">=", TARGETS["label_agreement"]),
         _target("median |dp| against Keras f32 (a)", results["agreement"]["median_abs_dp"],
                 "<=", TARGETS["median_abs_dp"]),
-        _target("(b)/(a)", results["ratios"]["b_over_a"], ">=", TARGETS["b_over_a"]),
+        _target("(b)/(a), default runtime", results["ratios"]["b_over_a"], ">=",
+                TARGETS["b_over_a_default"]),
+        _target("(b) worker main process, CPU ms per picture", cpu["worker_main"], "<=",
+                TARGETS["worker_main_ms"]),
+        _target("(b) Redis + producer, CPU ms per picture",
+                round(cpu["redis_server"] + cpu["producer"], 3), "<=",
+                TARGETS["redis_producer_ms"]),
+        _target("(b) machine idle share (warm run)", pipeline["cpu"]["idle_share"], "<=",
+                TARGETS["idle_share"]),
         _target("(b)/(c)", results["ratios"]["b_over_c"], ">=", TARGETS["b_over_c"]),
         _target("worker peak RSS per process (MB)", worker_rss, "<=", TARGETS["worker_rss_mb"]),
         _target("model loads = worker processes", pipeline["model_loads"], "==",
@@ -553,6 +601,16 @@ def table(results: dict[str, Any]) -> str:
                if c.get("label_agreement") is not None else "")
             for p, c in results["model"]["twin"].items()),
     ]
+    if "peer_ray" in results:
+        ray = results["peer_ray"]
+        lines += ["", f"peer: Ray Data {ray['ray']} map_batches, {ray['actors']} actors: "
+                  f"{ray['images_per_s']} img/s on {ray['pictures']:,} pictures (its actors' "
+                  f"start and model loads included; ray.init {ray['ray_init_seconds']} s apart), "
+                  f"peak PSS {ray['peak_pss_mb']:.0f} MB"
+                  f"; (b) {pipe['images_per_s']} img/s = "
+                  f"{pipe['images_per_s'] / ray['images_per_s']:.2f}x the peer; peer / (a) = "
+                  f"{ray['images_per_s'] / local['images_per_s']:.2f}"]
+    lines += ["", *cpu_table(results)]
     lines += ["", f"{'target':<52} {'value':>12} {'goal':>10}  met"]
     for t in results["targets"]:
         value = (f"{t['value']:,}" if isinstance(t["value"], int)
@@ -570,6 +628,25 @@ def table(results: dict[str, Any]) -> str:
         f"(c) ran on the first {naive['pictures']:,} pictures only: it is slow.",
     ]
     return "\n".join(lines)
+
+
+def cpu_table(results: dict[str, Any]) -> list[str]:
+    """CPU milliseconds per picture by component, and the machine's idle share (/proc)."""
+    local, pipe, naive = results["local"], results["pipeline"], results["naive"]
+    parts = ("pool_processes", "worker_main", "redis_server", "producer")
+    lines = [f"{'CPU ms per picture (warm run)':<36} {'pool':>7} {'main':>7} {'redis':>7} "
+             f"{'producer':>9} {'total':>7} {'idle':>6}",
+             f"{'(a) score --local (one process)':<36} {'':>7} {'':>7} {'':>7} "
+             f"{local['cpu_ms_per_picture']:>9.3f} {local['cpu_ms_per_picture']:>7.3f} "
+             f"{local['idle_share']:>6.1%}"]
+    for name, result in (("(b) pipeline", pipe), ("(c) naive (producer not counted)", naive)):
+        ms = result["cpu"]["ms_per_picture"]
+        lines.append(f"{name:<36} " + " ".join(f"{ms[k]:>{9 if k == 'producer' else 7}.3f}"
+                                              for k in parts)
+                     + f" {sum(ms.values()):>7.3f} {result['cpu']['idle_share']:>6.1%}")
+    lines.append(f"(b) producer start-up (imports), not per picture: "
+                 f"{pipe['cpu']['producer_startup_ms']:.0f} ms of CPU, once per command")
+    return lines
 
 
 def _warmup(result: dict[str, Any]) -> str:
@@ -607,6 +684,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {quick.n} small pictures, a {quick.model_size}x"
                         f"{quick.model_size} model, small counts")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run Ray Data's batch-inference recipe (needs the "
+                        "bench-peers extra)")
     parser.add_argument("--workdir", type=Path,
                         help="keep pictures, model, CSVs and logs here (reused by the next run)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
@@ -625,6 +705,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         naive_n=args.naive_n or base.naive_n,
         enqueue_n=args.enqueue or base.enqueue_n,
         collect_n=args.collect or base.collect_n,
+        peers=args.peers,
     )
 
 

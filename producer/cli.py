@@ -27,6 +27,8 @@ from worker.settings import SettingsError
 
 if TYPE_CHECKING:
     from producer.collect import RunData
+    from producer.manifest import Refused
+    from producer.sources import RunPictures
     from worker.settings import Settings
 
 log = logging.getLogger("genderscore")
@@ -51,6 +53,7 @@ _FAILURES: tuple[tuple[str, str, type[Failure]], ...] = (
     ("worker.labels", "LabelsError", BadInput),
     ("worker.ids", "InvalidUserid", BadInput),
     ("worker.evaluation", "EvaluationError", BadInput),
+    ("producer.sources", "StoreUnreachable", Unreachable),
     ("worker.sources", "SourceError", BadInput),
     ("producer.manifest", "ManifestError", BadInput),
 )
@@ -196,23 +199,32 @@ def config(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("source", required=False)
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A userid,url CSV instead of SOURCE: pictures behind URLs (s3://, https://, file://).",
+)
 @click.option("--model", type=click.Path(path_type=Path), help="Model .h5 (GENDERSCORE_MODEL).")
 @click.option("--run-id", help="Run id (default: a new one); reusing one extends that run.")
 @click.option("--wait", is_flag=True, help="Follow the run with a progress bar, then collect.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="CSV to write.")
 @click.option("--local", is_flag=True, help="Score in this process, without Redis or workers.")
 @click.option(
-    "--only-new", is_flag=True, help="Skip pictures this model already scored, unchanged."
+    "--only-new",
+    is_flag=True,
+    help="Skip pictures this model already scored, unchanged (a folder's content hash, "
+    "a prefix's ETag or version from the listing).",
 )
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 @click.option(
     "--allow-empty",
     is_flag=True,
-    help="Accept a folder with no picture (refused by default: a share that failed to mount).",
+    help="Accept a source with no picture (refused by default: a share that failed to mount).",
 )
 def score(
-    images_dir: Path,
+    source: str | None,
+    manifest: Path | None,
     model: Path | None,
     run_id: str | None,
     wait: bool,
@@ -222,45 +234,82 @@ def score(
     timeout: float | None,
     allow_empty: bool,
 ) -> None:
-    """Score every <userid>.jpg (.jpeg, .png, .webp) of IMAGES_DIR; prints the run id."""
-    from producer.scan import scan_pictures
+    """Score every <userid>.jpg (.jpeg, .png, .webp) of SOURCE, or every line of
+    --manifest; prints the run id.
 
+    SOURCE is a folder (the fastest; every worker must see it at the same path) or a
+    URL prefix such as s3://bucket/profiles/image/ (workers on any host; credentials
+    from AWS_* variables or fsspec's configuration on each host).
+    """
+    from producer.sources import gather
+    from worker.sources import FolderSource
+
+    if (source is None) == (manifest is None):
+        raise click.UsageError(
+            "give SOURCE (a folder or a URL prefix such as s3://bucket/profiles/image/) "
+            "or --manifest FILE.csv" + (", not both" if source else "")
+        )
+    if only_new and manifest is not None:
+        raise click.UsageError(
+            "--only-new needs a folder or a URL prefix: a manifest's URLs have no "
+            "listing that tells a changed picture without downloading it"
+        )
     settings = _settings()
     model_path = model or settings.model
-    scan = scan_pictures(images_dir)
-    _report_skipped(scan.skipped)
-    if not scan.userids and not allow_empty:
+    found = gather(
+        source,
+        manifest,
+        settings.picture_extensions,
+        settings.url_schemes,
+        settings.file_url_root,
+        settings.fetch_blocked_networks,
+        allow_empty,
+    )
+    _report_skipped(found.skipped)
+    _report_refused(found.refused)
+    if not found.pictures and not allow_empty:
+        left_out = (
+            f"{len(found.refused)} lines refused"
+            if manifest
+            else f"{len(found.skipped)} other files"
+        )
         raise BadInput(
-            f"no picture to score in {images_dir} ({len(scan.skipped)} other files): "
-            "refusing an empty run (is the folder mounted?); pass --allow-empty if it is "
-            "expected"
+            f"no picture to score in {found.shown} ({left_out}): refusing an empty run "
+            "(is the folder mounted, the prefix right?); pass --allow-empty if it is expected"
         )
     if local:
-        from producer.collect import write_outputs
-        from producer.local import score_local
-
-        data = score_local(model_path, scan.images_dir, scan.pictures)
-        target = out or Path("out") / "local.csv"
-        written = write_outputs(data, target)
-        _say(f"scored {written.scored}, errors {written.errors}: {written.csv_path}")
-        click.echo(str(written.csv_path))
+        _score_local(found, model_path, out)
         return
     from producer.enqueue import enqueue_run
     from producer.follow import no_consumer_notice
-    from producer.newness import only_new_pictures
     from producer.status import score_consumers
     from worker.celery import app
     from worker.model import check_model_file
-    from worker.sources import FolderSource
 
     sha = check_model_file(model_path)
     client = _redis()
-    pictures = scan.pictures
+    pictures = found.pairs
     if only_new:
-        pictures, unchanged = only_new_pictures(client, sha, scan.images_dir, pictures)
+        if isinstance(found.source, FolderSource):
+            from producer.newness import only_new_pictures as only_new_files
+
+            pictures, unchanged = only_new_files(client, sha, found.source.root, pictures)
+        else:
+            from producer.sources import only_new_pictures
+
+            refs, unchanged = only_new_pictures(client, sha, found.pictures)
+            pictures = [(p.userid, p.name) for p in refs]
         _say(f"--only-new: {unchanged} pictures already scored by this model, skipped")
-    source = FolderSource(scan.images_dir).spec
-    result = enqueue_run(app, client, source, pictures, model_path, sha, run_id)
+    result = enqueue_run(
+        app,
+        client,
+        found.source.spec,
+        pictures,
+        model_path,
+        sha,
+        run_id,
+        versions=found.versions,
+    )
     _say(
         f"run {result.run_id}: {result.published} tasks enqueued"
         + (f", {result.already_in_run} already in the run" if result.already_in_run else "")
@@ -272,6 +321,34 @@ def score(
         notice = no_consumer_notice(lambda: score_consumers(timeout=2.0))
         if notice:
             _say(notice.replace("; still waiting", ": the run waits for one"))
+
+
+def _report_refused(refused: list[Refused]) -> None:
+    if not refused:
+        return
+    from producer.manifest import describe
+
+    _say(f"refused {len(refused)} manifest lines:")
+    for line in refused[:50]:
+        _say(f"  {describe(line)}")
+    if len(refused) > 50:
+        _say(f"  ... and {len(refused) - 50} more")
+
+
+def _score_local(found: RunPictures, model_path: Path, out: Path | None) -> None:
+    """``score --local``: the whole run in this process, then its CSV."""
+    from producer.collect import write_outputs
+    from producer.local import score_local, score_local_urls
+    from worker.sources import FolderSource
+
+    if isinstance(found.source, FolderSource):
+        data = score_local(model_path, found.source.root, found.pairs)
+    else:
+        data = score_local_urls(model_path, found.source.spec, found.pairs)
+    target = out or Path("out") / "local.csv"
+    written = write_outputs(data, target)
+    _say(f"scored {written.scored}, errors {written.errors}: {written.csv_path}")
+    click.echo(str(written.csv_path))
 
 
 def _wait_and_collect(
@@ -422,28 +499,70 @@ def status(run_id: str | None, limit: int, as_json: bool) -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Picture folder, when Redis lost the run's metadata.",
 )
+@click.option(
+    "--source",
+    "source_arg",
+    help="The run's folder or URL prefix (s3://...), when Redis lost the run's metadata.",
+)
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The run's userid,url manifest, when Redis lost the run's metadata or userids.",
+)
 @click.option("--model", type=click.Path(path_type=Path), help="Model, when Redis lost it.")
 @click.option(
     "--recreate",
     is_flag=True,
-    help="The run is not in Redis any more (lost): create it again from --images and --model.",
+    help="The run is not in Redis any more (lost): create it again from its source "
+    "(--images, --source or --manifest) and --model.",
 )
-def reconcile(run_id: str, images: Path | None, model: Path | None, recreate: bool) -> None:
-    """Re-enqueue every userid of RUN_ID with neither a prediction nor an error."""
+def reconcile(
+    run_id: str,
+    images: Path | None,
+    source_arg: str | None,
+    manifest: Path | None,
+    model: Path | None,
+    recreate: bool,
+) -> None:
+    """Re-enqueue every userid of RUN_ID with neither a prediction nor an error.
+
+    The run's recorded source (a folder, a URL prefix, a manifest's URLs) is used; a
+    source given again is scanned or listed to restore the userids Redis lost.
+    """
     from producer.reconcile import reconcile_run
     from producer.runs import run_exists
+    from producer.sources import gather
     from worker.celery import app
 
+    given_sources = [x for x in (images, source_arg, manifest) if x is not None]
+    if len(given_sources) > 1:
+        raise click.UsageError("give one of --images, --source and --manifest")
     client = _redis()
     if not run_exists(client, run_id):
         if not recreate:
             raise BadInput(
-                f"no run {run_id!r} in Redis: if Redis lost it, pass --recreate with "
-                "--images DIR and --model PATH (`genderscore runs list` shows the runs there are)"
+                f"no run {run_id!r} in Redis: if Redis lost it, pass --recreate with its "
+                "source (--images DIR, --source URL or --manifest FILE) and --model PATH "
+                "(`genderscore runs list` shows the runs there are)"
             )
-        if images is None or model is None:
-            raise click.UsageError("--recreate needs --images DIR and --model PATH")
-    count = reconcile_run(app, client, run_id, images, model)
+        if not given_sources or model is None:
+            raise click.UsageError(
+                "--recreate needs the run's source (--images DIR, --source URL or "
+                "--manifest FILE) and --model PATH"
+            )
+    given = None
+    if given_sources:
+        settings = _settings()
+        given = gather(
+            str(images) if images is not None else source_arg,
+            manifest,
+            settings.picture_extensions,
+            settings.url_schemes,
+            settings.file_url_root,
+            settings.fetch_blocked_networks,
+        )
+        _report_refused(given.refused)
+    count = reconcile_run(app, client, run_id, given, model)
     _say(f"run {run_id}: {count} userids re-enqueued")
     click.echo(str(count))
 

@@ -11,7 +11,7 @@ published through ``worker.broker`` (a thousand per round trip on Redis).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,11 +53,16 @@ def enqueue_run(
     model_sha: str,
     run_id: str | None = None,
     progress: Callable[[int], None] | None = None,
+    versions: Mapping[str, str] | None = None,
 ) -> Enqueued:
     """Create (or extend) a run and enqueue every ``(userid, name)`` not already in it.
 
-    Raises ``worker.results.RunConflict`` when the run exists with another model or
-    source.
+    ``source`` is the run's source spec (``worker.sources``); ``name`` a picture's name
+    within it (a file or object name, a manifest's URL). ``versions`` (userid -> the
+    store's version token from the listing) travel with the messages: the worker keeps
+    them in the model's scored index, which ``--only-new`` compares with the next
+    listing. Raises ``worker.results.RunConflict`` when the run exists with another
+    model or source.
     """
     run_id = check_run_id(run_id or new_run_id())
     unique = dict((check_userid(u), name) for u, name in pictures)
@@ -73,7 +78,7 @@ def enqueue_run(
         chunk = items[start : start + CHUNK]
         known = client.hmget(ids_key, [u for u, _ in chunk])
         new += [item for item, present in zip(chunk, known, strict=True) if present is None]
-    publish_pictures(app, client, run_id, new, progress)
+    publish_pictures(app, client, run_id, new, progress, versions=versions)
     total = int(client.hlen(ids_key))
     seal_run(client, run_id, total)
     log.info("run %s: %d enqueued, %d already in the run", run_id, len(new), len(unique) - len(new))

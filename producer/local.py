@@ -1,7 +1,10 @@
 """``genderscore score --local``: the worker's scoring in one process, no broker.
 
 Decoding runs in a thread pool (Pillow releases the GIL) one chunk ahead of the
-forward pass, which uses every core; the scoring code is the worker's own.
+forward pass, which uses every core; the scoring code is the worker's own. Pictures of
+a URL prefix or a manifest are fetched with the worker's own ``Fetcher`` (its URL
+policy, limits and typed errors); a store that stays unavailable is that picture's
+error here, since there is no queue to hand it back to.
 """
 
 from __future__ import annotations
@@ -60,6 +63,64 @@ def score_local(
         "model": str(model_path),
         "model_sha": bundle.sha256,
         "source": f"folder:{images_dir}",
+        "started_at": f"{started:.3f}",
+        "finished_at": f"{time.time():.3f}",
+        "total": str(len(items)),
+    }
+    return RunData("local", meta, predictions, errors)
+
+
+def score_local_urls(
+    model_path: Path,
+    spec: str,
+    pictures: Sequence[tuple[str, str]],
+    batch_size: int | None = None,
+) -> RunData:
+    """Score the ``(userid, name)`` pictures of a URL prefix or manifest (``spec``, a
+    run's source spec) in this process, fetching them as a worker would."""
+    from worker.fetch import Fetcher, Unavailable
+    from worker.model import load_bundle
+    from worker.preprocess import PictureError
+    from worker.scoring import Failed, Prepared, infer, prepare_bytes
+    from worker.sources import picture_string
+
+    bundle = load_bundle(model_path, tf_threads=cpu_count())
+    size = batch_size or settings.batch_size
+    items = [(u, picture_string(spec, name)) for u, name in pictures]
+    predictions: dict[str, Prediction] = {}
+    errors: dict[str, str] = {}
+    started = time.time()
+    fetcher = Fetcher()
+    try:
+        with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
+            fetched = fetcher.fetch_pictures(items)
+            for start in range(0, len(items), CHUNK):
+                chunk = [next(fetched) for _ in items[start : start + CHUNK]]
+
+                def decode(entry: tuple[str, str, Any]) -> Prepared:
+                    userid, _, got = entry
+                    if isinstance(got, Unavailable):
+                        return Failed(userid, got.kind, got.message)
+                    if isinstance(got, PictureError):
+                        return Failed(userid, got.kind, got.message)
+                    return prepare_bytes(bundle, userid, got)
+
+                prepared = list(pool.map(decode, chunk))
+                outcomes = infer(bundle, [u for u, _, _ in chunk], prepared, size)
+                now = time.time()
+                for outcome in outcomes:
+                    if isinstance(outcome, Failed):
+                        errors[outcome.userid] = outcome.reason
+                    else:
+                        predictions[outcome.userid] = Prediction(
+                            outcome.p_female, outcome.gender, now
+                        )
+    finally:
+        fetcher.close()
+    meta = {
+        "model": str(model_path),
+        "model_sha": bundle.sha256,
+        "source": spec,
         "started_at": f"{started:.3f}",
         "finished_at": f"{time.time():.3f}",
         "total": str(len(items)),

@@ -2,10 +2,14 @@
 
 Beat sends ``genderscore.nightly`` on ``GENDERSCORE_NIGHTLY_CRON`` (UTC; a plain number
 is an interval in seconds, for tests), with no arguments: the worker that runs it reads
-the folder, output folder and model from its own settings (a message never names a
-path). The task takes the nightly lock, refuses a source that is empty or shrank below
+the source, output folder and model from its own settings (a message never names a
+path). The source is ``GENDERSCORE_NIGHTLY_SOURCE``, a folder or a URL prefix
+(``s3://bucket/profiles/image/``), or else ``GENDERSCORE_NIGHTLY_IMAGES_DIR``. The task
+takes the nightly lock, refuses a source that is empty, cannot be listed, or shrank below
 ``GENDERSCORE_NIGHTLY_MIN_SHARE`` of the previous night's, enqueues only the pictures
-the model has not scored as they are now (``producer.newness``) and hands over to
+the model has not scored as they are now (a folder's content hash, ``producer.newness``;
+a prefix's ETag or version token from the listing, ``producer.sources``, with no
+download) and hands over to
 ``genderscore.nightly_finish``, which checks the run every
 ``GENDERSCORE_NIGHTLY_POLL_SECONDS`` (a countdown, not a sleep: no pool process waits
 for the run), then writes ``<output>/<YYYY-MM-DD>-<run_id>.csv``, copies it to
@@ -38,8 +42,8 @@ from celery.schedules import ParseException, crontab, schedule
 from celery.utils.log import get_task_logger
 
 from producer.enqueue import enqueue_run, new_run_id
-from producer.newness import only_new_pictures
-from producer.scan import scan_pictures
+from producer.newness import only_new_pictures as only_new_files
+from producer.sources import RunPictures, gather, only_new_pictures
 from worker.celery import SCORE_QUEUE, app
 from worker.files import errors_path, write_atomic
 from worker.ids import check_run_id
@@ -55,7 +59,7 @@ from worker.model import check_model_file
 from worker.results import connect, run_counts
 from worker.runs import repair_stalled
 from worker.settings import Settings, settings
-from worker.sources import FolderSource
+from worker.sources import FolderSource, SourceError, redact_url
 
 if TYPE_CHECKING:
     from producer.collect import Collected, RunData
@@ -110,7 +114,7 @@ def parse_schedule(expression: str) -> crontab | schedule:
 class NightlyConfig:
     """What a nightly run works on, from the settings of the worker that runs it."""
 
-    images_dir: Path
+    source: Path | str  # a folder, or a URL prefix as GENDERSCORE_NIGHTLY_SOURCE gives it
     output_dir: Path
     model: Path
     lock_seconds: int
@@ -119,11 +123,15 @@ class NightlyConfig:
 
     @classmethod
     def from_settings(cls, s: Settings) -> NightlyConfig:
-        """The nightly configuration of settings ``s`` (its images folder must be set)."""
-        if s.nightly_images_dir is None:
-            raise ValueError("GENDERSCORE_NIGHTLY_IMAGES_DIR is not set on this worker")
+        """The nightly configuration of settings ``s`` (its source must be set)."""
+        source = s.nightly_source_text
+        if source is None:
+            raise ValueError(
+                "neither GENDERSCORE_NIGHTLY_SOURCE nor GENDERSCORE_NIGHTLY_IMAGES_DIR is "
+                "set on this worker"
+            )
         return cls(
-            s.nightly_images_dir.resolve(),
+            s.nightly_images_dir.resolve() if s.nightly_images_dir is not None else source,
             s.nightly_output_dir.resolve(),
             s.model.resolve(),
             s.nightly_lock_seconds,
@@ -133,9 +141,9 @@ class NightlyConfig:
 
 
 def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
-    """The beat entry of the nightly run; empty when no images folder is configured."""
+    """The beat entry of the nightly run; empty when no source is configured."""
     every = parse_schedule(s.nightly_cron)
-    if s.nightly_images_dir is None:
+    if s.nightly_source_text is None:
         return {}
     return {
         SCHEDULE_ENTRY: {"task": NIGHTLY_TASK, "schedule": every, "options": {"queue": SCORE_QUEUE}}
@@ -217,6 +225,22 @@ def check_source_size(client: redis.Redis, count: int, min_share: float) -> None
         )
 
 
+def list_nightly(source: Path | str) -> RunPictures:
+    """The nightly source's pictures; SourceRefused when it cannot be listed (a missing
+    bucket or prefix, a 403, a folder that is not there)."""
+    try:
+        return gather(
+            str(source),
+            None,
+            settings.picture_extensions,
+            settings.url_schemes,
+            settings.file_url_root,
+            settings.fetch_blocked_networks,
+        )
+    except SourceError as exc:
+        raise SourceRefused(f"the nightly source cannot be listed: {exc}") from None
+
+
 def start_nightly(
     celery_app: Celery, client: redis.Redis, config: NightlyConfig, task_id: str
 ) -> NightlyStart:
@@ -236,22 +260,26 @@ def start_nightly(
         return NightlyStart("locked")
     try:
         sha = check_model_file(config.model)
-        scan = scan_pictures(config.images_dir)
-        if scan.skipped:
+        found = list_nightly(config.source)
+        if found.skipped:
             log.warning(
                 "nightly: %d files of %s are not pictures, skipped (first: %s)",
-                len(scan.skipped),
-                config.images_dir,
-                scan.skipped[0][0],
+                len(found.skipped),
+                found.shown,
+                found.skipped[0][0],
             )
-        check_source_size(client, len(scan.pictures), config.min_share)
-        client.set(nightly_count(), len(scan.pictures))
-        pictures, unchanged = only_new_pictures(client, sha, config.images_dir, scan.pictures)
+        check_source_size(client, len(found.pictures), config.min_share)
+        client.set(nightly_count(), len(found.pictures))
+        if isinstance(found.source, FolderSource):
+            pictures, unchanged = only_new_files(client, sha, found.source.root, found.pairs)
+        else:
+            refs, unchanged = only_new_pictures(client, sha, found.pictures)
+            pictures = [(p.userid, p.name) for p in refs]
         if not pictures:
             late = late_results(client, set())
             log.info(
                 "nightly: nothing new in %s (%d pictures, all scored by model %s)",
-                config.images_dir,
+                found.shown,
                 unchanged,
                 sha[:12],
             )
@@ -267,11 +295,12 @@ def start_nightly(
         result = enqueue_run(
             celery_app,
             client,
-            FolderSource(scan.images_dir).spec,
+            found.source.spec,
             pictures,
             config.model,
             sha,
             run_id,
+            versions=found.versions,
         )
     except BaseException as exc:
         record_failure(client, f"run {run_id} did not start: {exc}")
@@ -490,11 +519,14 @@ def _check_schedule(sender: Any = None, **_: Any) -> None:
         raise SystemExit(f"genderscore: {_schedule_error}")
     entry = app.conf.beat_schedule.get(SCHEDULE_ENTRY)
     if entry is None:
-        beat_log.warning("nightly: GENDERSCORE_NIGHTLY_IMAGES_DIR is not set: no nightly run")
+        beat_log.warning(
+            "nightly: neither GENDERSCORE_NIGHTLY_SOURCE nor GENDERSCORE_NIGHTLY_IMAGES_DIR "
+            "is set: no nightly run"
+        )
     else:
         beat_log.info(
             "nightly: %s on %s (UTC) -> %s",
-            settings.nightly_images_dir,
+            redact_url(settings.nightly_source_text or ""),
             settings.nightly_cron,
             settings.nightly_output_dir,
         )

@@ -11,6 +11,10 @@ Each picture comes with its size and a **version token** taken from the listing
 itself, with no download: for an object store the ETag (or generation, or version
 id), for a folder the size and modification time. ``--only-new`` compares this token
 with the one stored when the picture was scored (see ``version_token``).
+
+``gather`` is what ``genderscore score`` (and the nightly run) list: a folder through
+``producer.scan`` (the fastest, and the worker's own rules for links), a URL prefix
+through ``list_source``, a manifest through ``producer.manifest``.
 """
 
 from __future__ import annotations
@@ -19,26 +23,52 @@ import logging
 import os
 import stat
 import string
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 from xml.etree import ElementTree
 
 import redis
 
+from producer.manifest import Refused, read_manifest
+from producer.scan import scan_pictures
 from worker.ids import is_valid_userid
 from worker.keys import scored_index
 from worker.s3 import s3_client, split_s3_url
-from worker.sources import FolderSource, PictureRef, PrefixSource, SourceError, redact_url
+from worker.sources import (
+    FolderSource,
+    ManifestSource,
+    PictureRef,
+    PrefixSource,
+    SourceError,
+    parse_source,
+    redact_url,
+)
 
 log = logging.getLogger(__name__)
 CHUNK = 1000
+# botocore says at INFO where it found the endpoint and the credentials: not for a
+# person running a command (worker.s3 caps botocore itself at INFO).
+for _name in ("botocore.configprovider", "botocore.credentials"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 QUOTE = '"'
 INVALID_USERID = "not a valid userid ([A-Za-z0-9_-]{1,64})"
+
+
+class EmptyPrefix(SourceError):
+    """The listing found nothing: a prefix with no object, or one that does not exist
+    (S3 cannot tell them apart when the bucket exists)."""
+
+
+class StoreUnreachable(SourceError):
+    """The store did not answer the listing (down, or no route to it): try again later."""
 
 
 @dataclass
@@ -107,6 +137,75 @@ def select_pictures(
     return listing
 
 
+@dataclass
+class RunPictures:
+    """What a run enqueues: its source, its pictures (sorted by userid), and what was
+    left out: skipped names of a folder or prefix, refused lines of a manifest."""
+
+    source: FolderSource | PrefixSource | ManifestSource
+    pictures: list[PictureRef]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
+
+    @property
+    def shown(self) -> str:
+        """The source as a person reads it (a URL without query or credentials)."""
+        if isinstance(self.source, FolderSource):
+            return str(self.source.root)
+        if isinstance(self.source, PrefixSource):
+            return redact_url(self.source.url)
+        return f"manifest {self.source.label}"
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """``(userid, name)`` of every picture, as ``enqueue_run`` takes them."""
+        return [(p.userid, p.name) for p in self.pictures]
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """userid -> the listing's version token, for the pictures that have one."""
+        return {p.userid: p.version for p in self.pictures if p.version}
+
+
+def gather(
+    source: str | None,
+    manifest: Path | None,
+    extensions: Sequence[str],
+    schemes: Sequence[str],
+    file_root: Path | None,
+    blocked: Sequence[str],
+    allow_empty: bool = False,
+) -> RunPictures:
+    """The pictures of a SOURCE argument (a folder, ``file://`` URL or URL prefix) or of
+    a manifest file: ``SourceError`` or ``producer.manifest.ManifestError`` when it
+    cannot be read at all (a missing folder, bucket or prefix, a 403, a bad manifest).
+    ``allow_empty``: a prefix with nothing under it is an empty source, not an error
+    (a missing bucket still is)."""
+    if manifest is not None:
+        read = read_manifest(manifest, schemes, file_root, blocked)
+        return RunPictures(read.source, read.pictures, refused=read.refused)
+    if source is None:
+        raise SourceError("no source given")
+    parsed = parse_source(source, schemes)
+    if isinstance(parsed, PrefixSource):
+        try:
+            listing = list_source(parsed, extensions)
+        except EmptyPrefix:
+            if not allow_empty:
+                raise
+            return RunPictures(parsed, [])
+        return RunPictures(parsed, listing.pictures, listing.skipped)
+    if not parsed.root.is_dir():
+        what = "not a folder" if parsed.root.exists() else "no such folder"
+        raise SourceError(f"{source}: {what}")
+    try:
+        scan = scan_pictures(parsed.root, tuple(e.lower() for e in extensions))
+    except PermissionError:
+        raise SourceError(f"{source}: permission denied listing the folder") from None
+    pictures = [PictureRef(userid, name) for userid, name in scan.pictures]
+    return RunPictures(FolderSource(scan.images_dir), pictures, scan.skipped)
+
+
 # --- Folders ---------------------------------------------------------------------------
 
 
@@ -169,10 +268,12 @@ def _fsspec_entries(source: PrefixSource) -> Iterable[Entry]:
         raise SourceError(f"{shown}: no such bucket or prefix") from None
     except PermissionError:
         raise SourceError(f"{shown}: access denied (check the credentials)") from None
+    except (ConnectionError, TimeoutError) as exc:
+        raise StoreUnreachable(f"{shown}: cannot reach the store ({type(exc).__name__})") from None
     except OSError as exc:
         raise SourceError(f"{shown}: cannot list ({type(exc).__name__})") from None
     if not infos:
-        raise SourceError(f"{shown}: no such bucket or prefix, or nothing in it")
+        raise EmptyPrefix(f"{shown}: no such bucket or prefix, or nothing in it")
     base = path.rstrip("/") + "/"
     entries = []
     for info in infos:
@@ -196,6 +297,7 @@ def _fsspec_entries(source: PrefixSource) -> Iterable[Entry]:
 # A userid starts with one of these; every other first character falls in a gap range.
 USERID_CHARS = sorted("-_" + string.digits + string.ascii_letters)
 LIST_THREADS = 8
+LIST_ATTEMPTS = 3
 MAX_KEY_BYTES = 1024
 
 
@@ -245,11 +347,20 @@ def _s3_entries(source: PrefixSource) -> list[Entry]:
     shown = redact_url(source.url)
     bucket, prefix = split_s3_url(source.url)
     client = s3_client(connections=LIST_THREADS)
-    http = urllib3.PoolManager(maxsize=LIST_THREADS, retries=urllib3.Retry(3, redirect=0))
+    # Retried here, not by urllib3: its retry warnings print the request's URL, and a
+    # presigned URL carries the access key id and a signature valid for minutes.
+    http = urllib3.PoolManager(maxsize=LIST_THREADS, retries=False)
 
     def page(args: dict[str, Any]) -> ElementTree.Element:
         url = client.generate_presigned_url("list_objects_v2", Params=args, ExpiresIn=900)
-        response = http.request("GET", url, timeout=urllib3.Timeout(connect=30, read=60))
+        for attempt in range(LIST_ATTEMPTS):
+            try:
+                response = http.request("GET", url, timeout=urllib3.Timeout(connect=30, read=60))
+                break
+            except urllib3.exceptions.HTTPError:
+                if attempt + 1 == LIST_ATTEMPTS:
+                    raise
+                time.sleep(0.2 * 2**attempt)
         root = ElementTree.fromstring(response.data)
         if response.status != 200:
             code = root.findtext("Code") or ""
@@ -291,10 +402,13 @@ def _s3_entries(source: PrefixSource) -> list[Entry]:
         with ThreadPoolExecutor(LIST_THREADS) as pool:
             parts = list(pool.map(list_range, s3_partitions(prefix)))
     except Exception as exc:  # noqa: BLE001 - the store's and the network's errors, named
-        raise SourceError(f"{shown}: {_s3_list_problem(exc)}") from None
+        problem = _s3_list_problem(exc)
+        if problem.startswith("cannot reach"):
+            raise StoreUnreachable(f"{shown}: {problem}") from None
+        raise SourceError(f"{shown}: {problem}") from None
     entries = {e.name: e for part in parts for e in part if e.name}  # "": the placeholder
     if not entries:
-        raise SourceError(f"{shown}: no such bucket or prefix, or nothing in it")
+        raise EmptyPrefix(f"{shown}: no such bucket or prefix, or nothing in it")
     return list(entries.values())
 
 
@@ -325,6 +439,13 @@ def _s3_list_problem(exc: BaseException) -> str:
         ):
             return f"access denied (check the credentials: {code or 'HTTP 403'})"
         return f"cannot list ({code or 'error'}, HTTP {status})"
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return (
+            "no S3 credentials on this host: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE)"
+        )
+    if isinstance(exc, ElementTree.ParseError):
+        return "the store's answer is not S3 XML (is AWS_ENDPOINT_URL an S3 endpoint?)"
     return f"cannot reach the store ({type(exc).__name__})"
 
 

@@ -223,6 +223,13 @@ class Settings(BaseSettings):
         "0 2 * * *", description="minute hour day month weekday (UTC), or a number of seconds"
     )
     nightly_images_dir: Path | None = Field(None, description="Folder the nightly run scores.")
+    # Issue 10: where pictures sit in an object store, the nightly run lists a URL prefix
+    # (ETag or version from the listing, no download) and workers on any host fetch it.
+    nightly_source: str | None = Field(
+        None,
+        description="Folder or URL prefix (s3://bucket/profiles/image/) the nightly run "
+        "scores, instead of GENDERSCORE_NIGHTLY_IMAGES_DIR.",
+    )
     nightly_output_dir: Path = Field(
         Path("out"), description="Nightly CSVs: <date>-<run>.csv and latest.csv."
     )
@@ -309,6 +316,30 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _one_nightly_source(self) -> Settings:
+        if self.nightly_source is None:
+            return self
+        if self.nightly_images_dir is not None:
+            raise ValueError(
+                "GENDERSCORE_NIGHTLY_SOURCE and GENDERSCORE_NIGHTLY_IMAGES_DIR are both set: "
+                "set one (GENDERSCORE_NIGHTLY_SOURCE takes a folder or a URL prefix)"
+            )
+        from worker.sources import SourceError, parse_source
+
+        try:
+            parse_source(self.nightly_source, self.url_schemes)
+        except SourceError as exc:
+            raise ValueError(f"GENDERSCORE_NIGHTLY_SOURCE: {exc}") from None
+        return self
+
+    @property
+    def nightly_source_text(self) -> str | None:
+        """What the nightly run scores: GENDERSCORE_NIGHTLY_SOURCE, else the images folder."""
+        if self.nightly_source is not None:
+            return self.nightly_source
+        return None if self.nightly_images_dir is None else str(self.nightly_images_dir)
 
     @property
     def effective_broker_url(self) -> str:
