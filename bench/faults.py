@@ -5,7 +5,7 @@
 For each broker, one world of its own (a private Redis with AOF as broker and store, or
 a private RabbitMQ node as broker with the test Redis as store; both as in the fault
 tests), then ``--rounds`` times: a warm worker is scoring a fresh run of ``--pictures``
-pictures; at a random moment of the run (uniform over the run's measured length) the
+pictures; once a random share of the run (10 % to 70 %, uniform) is settled the
 worker's whole process group gets SIGKILL; a new worker is started; the run must
 complete with no help but the workers' own (no ``--wait``, no ``reconcile``). Each round
 reports the userids lost, duplicate rows in the collected CSV, extra deliveries, the
@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -52,18 +53,24 @@ def cpu_model() -> str:
     )
 
 
-def _wait(condition: Any, timeout: float) -> float:
+def _wait(condition: Any, timeout: float, poll: float = 0.1) -> float:
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"not done after {timeout:.0f}s")
-        time.sleep(0.1)
+        time.sleep(poll)
     return time.monotonic() - started
 
 
 def _settled(world: BrokerWorld, run_id: str) -> int:
     keys = world.keys(run_id)
     return int(world.client.hlen(keys.pred)) + int(world.client.hlen(keys.err))
+
+
+def _background(function: Any, *args: str) -> threading.Thread:
+    thread = threading.Thread(target=function, args=args, daemon=True)
+    thread.start()
+    return thread
 
 
 def soak(broker: str, rounds: int, pictures: int, workdir: Path, seed: int) -> list[dict[str, Any]]:
@@ -80,23 +87,27 @@ def soak(broker: str, rounds: int, pictures: int, workdir: Path, seed: int) -> l
     with ExitStack() as stack:
         stack.callback(world.close)
         victim = stack.enter_context(world.worker("soak"))
-        # The run's length with nobody killed, the worker warm: the window a kill is
-        # drawn from.
-        for run_id in ("warm-up", "calibrate"):
-            world.cli("score", str(folder), "--run-id", run_id)
-            length = _wait(lambda run=run_id: _settled(world, run) >= pictures, 300)
+        # A warm-up run loads the model in every pool process.
+        world.cli("score", str(folder), "--run-id", "warm-up")
+        _wait(lambda: _settled(world, "warm-up") >= pictures, 300)
         for n in range(rounds):
             run_id = f"soak-{n:02d}"
-            world.cli("score", str(folder), "--run-id", run_id)
-            # Between the first tenth and 70 % of the run: the kill lands mid-run (a
-            # replacement worker's first batches are slower, the window leaves room).
-            time.sleep(rng.uniform(0.1, 0.7) * length)
+            producer = _background(world.cli, "score", str(folder), "--run-id", run_id)
+            # The kill lands mid-run: once a random share (10 % to 70 %) of the run is
+            # settled, polled every 5 ms (the workers may be done before the producer's
+            # command returns, so it runs beside).
+            target = int(rng.uniform(0.1, 0.7) * pictures)
+            _wait(lambda run=run_id, t=target: _settled(world, run) >= t, 300, 0.005)
             at_kill = _settled(world, run_id)
             os.killpg(victim.pid, signal.SIGKILL)
             victim.wait(10)
             killed = time.monotonic()
+            producer.join()
             victim = stack.enter_context(world.worker(f"soak{n}"))
             took = _wait(lambda run=run_id: _settled(world, run) >= pictures, 600)
+            if at_kill >= pictures or at_kill == 0:
+                # The kill missed the run's middle: say so, the round proves less.
+                print(f"round {n}: killed with {at_kill} of {pictures} settled", file=sys.stderr)
             out = workdir / f"{broker}-{run_id}.csv"
             world.cli("collect", run_id, "--out", str(out))
             rows = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]

@@ -267,14 +267,14 @@ def score_run(bench: Bench, folder: Path, count: int, label: str,
 
 def measure_pipeline(bench: Bench, count: int, label: str = "",
                      worker_env: dict[str, str] | None = None,
-                     worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
+                     worker_args: tuple[str, ...] = (), app: str = "worker") -> dict[str, Any]:
     """(b) fresh workers; a warm-up run loads the model (cold), then the timed run (warm)."""
     from worker.keys import model_loads
 
     label = label or f"pipeline-{count}"
     bench.client.delete(model_loads())
     env = bench_env(worker_env)
-    with celery_worker("worker", "score", f"bench-{label}", env, bench.logs(label),
+    with celery_worker(app, "score", f"bench-{label}", env, bench.logs(label),
                        worker_args) as worker:
         warm_n = warmup_size(bench, len(worker.pool_pids()))
         cold = score_run(bench, bench.folder(warm_n), warm_n, f"{label}-warmup", env)

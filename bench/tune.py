@@ -47,6 +47,7 @@ class Config:
     why: str
     env: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()
+    app: str = "worker"  # the ``celery -A`` module
 
 
 def configs(cores: int) -> list[Config]:
@@ -69,6 +70,11 @@ def configs(cores: int) -> list[Config]:
                env={"GENDERSCORE_FLUSH_INTERVAL": "0.1"}),
         Config("flush2", "partial batches flushed after 2 s",
                env={"GENDERSCORE_FLUSH_INTERVAL": "2"}),
+        Config("events-message", "three Celery task events per picture (Flower's per-task "
+               "view), instead of one summary per batch",
+               env={"GENDERSCORE_TASK_EVENTS": "message"}),
+        Config("kombu-transport", "kombu's stock Redis transport (one BRPOP per message)",
+               app="bench.plainkombu"),
         Config("solo", "no pool: the main process scores",
                env={"GENDERSCORE_TF_THREADS": all_cores}, args=("--pool", "solo")),
         Config("threads", f"a thread pool of {cores}, one TensorFlow runtime",
@@ -125,7 +131,8 @@ def inference_cost(bench: Bench, batches: tuple[int, ...],
 
 
 def tune(bench: Bench, chosen: list[Config], repeat: int, collect_n: int,
-         batches: tuple[int, ...], threads: tuple[int, ...]) -> dict[str, Any]:
+         batches: tuple[int, ...], threads: tuple[int, ...],
+         pipeline_only: bool = False) -> dict[str, Any]:
     """Measure every chosen configuration; return the results."""
     from bench.micro import collect
 
@@ -141,7 +148,7 @@ def tune(bench: Bench, chosen: list[Config], repeat: int, collect_n: int,
             log.info("--- %s (%d/%d): %s", config.name, attempt + 1, repeat, config.why)
             try:
                 runs.append(measure_pipeline(bench, n, f"tune-{config.name}-{attempt}",
-                                             config.env, config.args))
+                                             config.env, config.args, config.app))
             except RuntimeError as exc:
                 log.error("%s failed: %s", config.name, str(exc)[-500:])
         row: dict[str, Any] = {"name": config.name, "why": config.why, "env": config.env,
@@ -156,10 +163,15 @@ def tune(bench: Bench, chosen: list[Config], repeat: int, collect_n: int,
                 "max_worker_rss_mb": max(max(r["worker_peak_rss_mb"].values()) for r in runs),
                 "model_loads": best["model_loads"], "worker_processes": best["worker_processes"],
                 "collect_seconds": best["collect_seconds"],
+                # CPU ms per picture by component (the median run's figures)
+                "cpu_ms": statistics_by_key([r["cpu"]["ms_per_picture"] for r in runs]),
+                "idle_share": statistics.median(r["cpu"]["idle_share"] for r in runs),
             }
         else:
             row["failed"] = True
         rows.append(row)
+    if pipeline_only:
+        return {"local": local, "configs": rows}
     return {
         "local": local,
         "configs": rows,
@@ -167,6 +179,11 @@ def tune(bench: Bench, chosen: list[Config], repeat: int, collect_n: int,
         "decode": decode_cost(bench),
         "collect_pages": collect(bench.client, collect_n, scan_counts=(100, 1000, 5000, 20000)),
     }
+
+
+def statistics_by_key(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each key over several runs."""
+    return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -178,7 +195,8 @@ def table(results: dict[str, Any]) -> str:
         f"model {results['model_input']}",
         f"(a) score --local: {local['images_per_s']} img/s",
         "",
-        f"{'config':<18} {'img/s':>7} {'(b)/(a)':>8} {'RSS MB':>7} {'loads':>6}  settings",
+        f"{'config':<18} {'img/s':>7} {'(b)/(a)':>8} {'RSS MB':>7} {'loads':>6} "
+        f"{'main ms':>7} {'redis ms':>8} {'idle':>5}  settings",
     ]
     for row in results["configs"]:
         settings = " ".join([*(f"{k.removeprefix('GENDERSCORE_')}={v}" for k, v in
@@ -188,7 +206,11 @@ def table(results: dict[str, Any]) -> str:
             continue
         loads = f"{row['model_loads']}/{row['worker_processes']}"
         lines.append(f"{row['name']:<18} {row['images_per_s']:>7.1f} {row['b_over_a']:>8.2f} "
-                     f"{row['max_worker_rss_mb']:>7.0f} {loads:>6}  {settings}")
+                     f"{row['max_worker_rss_mb']:>7.0f} {loads:>6} "
+                     f"{row['cpu_ms']['worker_main']:>7.3f} {row['cpu_ms']['redis_server']:>8.3f} "
+                     f"{row['idle_share']:>5.1%}  {settings}")
+    if "inference" not in results:
+        return "\n".join(lines)
     lines += ["", f"{'forward pass':<18} {'ms/picture':>10} {'peak RSS MB':>12}  "
               "(TensorFlow alone / with the model)"]
     for row in results["inference"]:
@@ -224,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="TensorFlow threads for the forward-pass measurements "
                         f"({','.join(map(str, sorted({1, cores})))})")
     parser.add_argument("--quick", action="store_true", help="tiny pictures and model")
+    parser.add_argument("--pipeline-only", action="store_true",
+                        help="only (a) and the configurations: no forward-pass, decoding or "
+                        "collect measurements")
     parser.add_argument("--workdir", type=Path, help="keep pictures and model here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -253,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                    "model_input": f"{plan.model_size}x{plan.model_size}"}
         batches = tuple(int(b) for b in args.batches.split(",") if b)
         threads = tuple(int(t) for t in args.tf_threads.split(",") if t)
-        results |= tune(bench, chosen, args.repeat, args.collect, batches, threads)
+        results |= tune(bench, chosen, args.repeat, args.collect, batches, threads,
+                        args.pipeline_only)
     finally:
         delete_prefix(client, f"{prefix}:")
         if temporary:

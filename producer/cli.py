@@ -263,6 +263,7 @@ def score(
         settings.url_schemes,
         settings.file_url_root,
         settings.fetch_blocked_networks,
+        allow_empty,
     )
     _report_skipped(found.skipped)
     _report_refused(found.refused)

@@ -34,14 +34,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery, Task, signals
 from celery.schedules import ParseException, crontab, schedule
 from celery.utils.log import get_task_logger
 
-from producer.collect import Collected, RunData, load_run, write_outputs
 from producer.enqueue import enqueue_run, new_run_id
 from producer.newness import only_new_pictures as only_new_files
 from producer.sources import RunPictures, gather, only_new_pictures
@@ -61,6 +60,12 @@ from worker.results import connect, run_counts
 from worker.runs import repair_stalled
 from worker.settings import Settings, settings
 from worker.sources import FolderSource, SourceError, redact_url
+
+if TYPE_CHECKING:
+    from producer.collect import Collected, RunData
+# producer.collect (pandas, 80 MB and a second of import) is imported where a night is
+# collected: every scoring worker imports this module (the app's include list), and its
+# pool processes would carry pandas for nothing (issue 11: RSS and cold start).
 
 log = get_task_logger(__name__)
 beat_log = logging.getLogger(__name__)
@@ -245,6 +250,8 @@ def start_nightly(
     released here when there is nothing to score or anything fails. A night with
     nothing new still delivers the late results of earlier nights.
     """
+    from producer.collect import RunData
+
     run_id = acquire_lock(client, f"nightly-{new_run_id()}", task_id, config.lock_seconds)
     if run_id is None:
         log.info(
@@ -327,6 +334,8 @@ def late_results(client: redis.Redis, own: set[str]) -> LateResults:
     ``own`` are the userids of tonight's run: its own result wins, and the earlier
     night no longer owes them.
     """
+    from producer.collect import RunData, load_run
+
     late = LateResults(RunData("late", {}, {}, {}), {})
     for run_id in sorted(map(str, client.smembers(nightly_undelivered_runs()))):
         owed = set(map(str, client.smembers(nightly_undelivered(run_id))))
@@ -360,6 +369,8 @@ def forget_delivered(client: redis.Redis, late: LateResults) -> None:
 
 def merge(tonight: RunData, late: LateResults) -> RunData:
     """Tonight's run with the late results of earlier nights added."""
+    from producer.collect import RunData
+
     predictions = {
         userid: p._replace(model=p.model or tonight.model_id)
         for userid, p in tonight.predictions.items()
@@ -371,6 +382,8 @@ def merge(tonight: RunData, late: LateResults) -> RunData:
 
 def write_nightly_outputs(data: RunData, output_dir: Path, started_at: float) -> Collected:
     """Write the night's dated CSV, then replace ``latest.csv`` with a copy."""
+    from producer.collect import write_outputs
+
     written = write_outputs(data, nightly_csv(output_dir, data.run_id, started_at))
     # Errors file first: a reader that sees the new latest.csv sees its errors too.
     write_atomic(errors_path(output_dir / LATEST), written.errors_path.read_bytes())
@@ -386,6 +399,8 @@ def finish_nightly(
     None while the run is still going. A run collected unfinished is remembered as owing
     its pending pictures to later nights.
     """
+    from producer.collect import load_run
+
     counts = run_counts(client, run_id)
     late_now = time.time() >= deadline
     if not counts.finished and not late_now:

@@ -62,6 +62,11 @@ QUOTE = '"'
 INVALID_USERID = "not a valid userid ([A-Za-z0-9_-]{1,64})"
 
 
+class EmptyPrefix(SourceError):
+    """The listing found nothing: a prefix with no object, or one that does not exist
+    (S3 cannot tell them apart when the bucket exists)."""
+
+
 class StoreUnreachable(SourceError):
     """The store did not answer the listing (down, or no route to it): try again later."""
 
@@ -169,10 +174,13 @@ def gather(
     schemes: Sequence[str],
     file_root: Path | None,
     blocked: Sequence[str],
+    allow_empty: bool = False,
 ) -> RunPictures:
     """The pictures of a SOURCE argument (a folder, ``file://`` URL or URL prefix) or of
     a manifest file: ``SourceError`` or ``producer.manifest.ManifestError`` when it
-    cannot be read at all (a missing folder, bucket or prefix, a 403, a bad manifest)."""
+    cannot be read at all (a missing folder, bucket or prefix, a 403, a bad manifest).
+    ``allow_empty``: a prefix with nothing under it is an empty source, not an error
+    (a missing bucket still is)."""
     if manifest is not None:
         read = read_manifest(manifest, schemes, file_root, blocked)
         return RunPictures(read.source, read.pictures, refused=read.refused)
@@ -180,7 +188,12 @@ def gather(
         raise SourceError("no source given")
     parsed = parse_source(source, schemes)
     if isinstance(parsed, PrefixSource):
-        listing = list_source(parsed, extensions)
+        try:
+            listing = list_source(parsed, extensions)
+        except EmptyPrefix:
+            if not allow_empty:
+                raise
+            return RunPictures(parsed, [])
         return RunPictures(parsed, listing.pictures, listing.skipped)
     if not parsed.root.is_dir():
         what = "not a folder" if parsed.root.exists() else "no such folder"
@@ -260,7 +273,7 @@ def _fsspec_entries(source: PrefixSource) -> Iterable[Entry]:
     except OSError as exc:
         raise SourceError(f"{shown}: cannot list ({type(exc).__name__})") from None
     if not infos:
-        raise SourceError(f"{shown}: no such bucket or prefix, or nothing in it")
+        raise EmptyPrefix(f"{shown}: no such bucket or prefix, or nothing in it")
     base = path.rstrip("/") + "/"
     entries = []
     for info in infos:
@@ -395,7 +408,7 @@ def _s3_entries(source: PrefixSource) -> list[Entry]:
         raise SourceError(f"{shown}: {problem}") from None
     entries = {e.name: e for part in parts for e in part if e.name}  # "": the placeholder
     if not entries:
-        raise SourceError(f"{shown}: no such bucket or prefix, or nothing in it")
+        raise EmptyPrefix(f"{shown}: no such bucket or prefix, or nothing in it")
     return list(entries.values())
 
 

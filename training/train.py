@@ -33,7 +33,6 @@ from training.data import (
     make_augmentation,
     make_dataset,
     stratified_split,
-    to_inputs,
     userids_fingerprint,
 )
 from training.network import feature_size, min_image_size
@@ -242,7 +241,7 @@ def train(
     try:  # the twin workers serve, checked on the validation users
         written = export_twin(
             out,
-            pictures=to_inputs(data.pixels[split.val]),
+            pictures=data.pixels[split.val],
             calibration_source=f"validation split ({len(split.val)} users)",
         )
     except ExportError as exc:

@@ -12,6 +12,7 @@ JSON formatter when ``GENDERSCORE_LOG_FORMAT=json``, warn about unknown
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -156,6 +157,13 @@ def celery_config(s: Settings) -> dict[str, Any]:
 TRANSPORT_ALIASES.update(
     redis="worker.redis_transport:Transport", rediss="worker.redis_transport:Transport"
 )
+
+# Workers start without mingle and gossip, unless the environment says otherwise: nothing
+# here uses what they synchronise (revoked ids, clocks, peer events), and mingle alone
+# waits about a second for replies on every start (the cold start). Celery's CLI reads
+# CELERY_WORKER_* for its options after it has imported this app.
+os.environ.setdefault("CELERY_WORKER_WITHOUT_MINGLE", "true")
+os.environ.setdefault("CELERY_WORKER_WITHOUT_GOSSIP", "true")
 
 app = Celery("genderscore", include=["worker.tasks", "training.tasks", "producer.nightly"])
 app.conf.update(celery_config(settings))

@@ -31,6 +31,9 @@ RESAMPLE = Image.Resampling.BILINEAR
 # Stored in model metadata. v2: formats without DCT scaling are box-reduced by an integer
 # factor before their mode conversion (v1 converted them at full size).
 PREPROCESSING_ID = "rgb-exif-bilinear-div255-v2"
+# uint8 pixel -> model input: ``float32(k) * PIXEL_SCALE``. The compiled twin takes the
+# uint8 pixels and applies this very factor inside its graph (``worker.runtime``).
+PIXEL_SCALE = np.float32(1.0 / 255.0)
 
 
 class PictureError(Exception):
@@ -228,7 +231,7 @@ def scale(values: NDArray[np.uint8]) -> NDArray[np.float32]:
     bit the stack of its pictures scaled one by one (the scorer scales whole batches).
     """
     result = values.astype(np.float32)
-    result *= np.float32(1.0 / 255.0)
+    result *= PIXEL_SCALE
     return result
 
 

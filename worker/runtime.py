@@ -12,12 +12,20 @@ Choosing (``GENDERSCORE_RUNTIME``, ``GENDERSCORE_PRECISION``):
   Keras, and the reason is logged once per load. ``keras``: Keras. ``openvino``: the
   twin, or a ``ModelError`` (the worker does not start: ``check_runtime`` runs in
   ``worker.model.check_model_file``).
-- precision ``auto``: the fastest precision that passed at export and that this CPU
-  runs natively: int8, then bf16, then f32. An explicit precision must have passed;
-  one that failed is refused with its figures.
+- precision ``auto``: of the precisions that passed at export and that this CPU runs
+  natively, the fastest measured at export (``ms_per_picture``); when one of them could
+  not be timed there (a precision the exporting CPU lacks), the first of int8, bf16,
+  f32. An explicit precision must have passed; one that failed is refused with its
+  figures.
 - A twin is refused, whatever the settings, when its bytes do not match the recorded
   sha256, when it holds operators outside OpenVINO's standard opsets (custom
   operators), or when its input shape differs from the ``.h5``'s.
+
+Serving: the twin takes the uint8 pixels of ``worker.preprocess.pixels`` and multiplies
+them by ``worker.preprocess.PIXEL_SCALE`` as the first step of its graph
+(``with_pixel_input``), which OpenVINO folds into the first convolution; it is
+compiled for one pool process's threads with its precision explicit
+(``serving_config``) and warmed up by one pass at load.
 
 OpenVINO, like TensorFlow, is imported inside functions only: the worker's parent
 process must not start its threads before the pool forks. ``check_runtime`` needs
@@ -32,6 +40,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,7 +48,14 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from worker.model import MAX_INPUT_SIDE, ModelError, ModelMetadata, file_sha256
+from worker.model import (
+    MAX_INPUT_SIDE,
+    ModelError,
+    ModelMetadata,
+    file_sha256,
+    read_metadata,
+)
+from worker.preprocess import PIXEL_SCALE
 from worker.settings import settings
 
 log = logging.getLogger(__name__)
@@ -47,8 +63,9 @@ log = logging.getLogger(__name__)
 TWIN_RUNTIME = "openvino"
 Precision = Literal["f32", "bf16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("f32", "bf16", "int8")
-# Fastest first (docs/performance.md: int8 1.2, bf16 1.9, f32 3.9 ms per picture on an
-# AMD EPYC Zen 4, 1 thread): what precision "auto" tries, in order.
+# Fastest first where AVX-512 VNNI/BF16 or AMX run them (docs/performance.md: int8 1.2,
+# bf16 1.9, f32 3.9 ms per picture on an AMD EPYC Zen 4, 1 thread): what precision
+# "auto" takes when the export could not time every candidate.
 SPEED_ORDER: tuple[Precision, ...] = ("int8", "bf16", "f32")
 # What a precision must reach against Keras f32 on the calibration pictures.
 MIN_LABEL_AGREEMENT = 0.995
@@ -74,6 +91,8 @@ class PrecisionCheck(BaseModel):
     median_abs_dp: float | None = None
     max_abs_dp: float | None = None
     ms_per_picture: float | None = None  # on the exporting machine, batch 16
+    # Checked by emulation (bf16 on a CPU without it): figures, but no speed.
+    emulated: bool = False
     reason: str = ""  # why it failed or was not measured
 
     def figures(self) -> str:
@@ -83,7 +102,7 @@ class PrecisionCheck(BaseModel):
         return (
             f"labels agree {self.label_agreement * 100:.2f} %, median |dp| "
             f"{self.median_abs_dp:.1e}, max |dp| {self.max_abs_dp or 0.0:.1e} "
-            f"({self.pictures:,} pictures)"
+            f"({self.pictures:,} pictures{', emulated' if self.emulated else ''})"
         )
 
 
@@ -176,10 +195,17 @@ def choose_precision(
                 f"(OpenVINO capabilities: {', '.join(capabilities or [])})"
             )
         return check_precision(wanted)
-    for precision in SPEED_ORDER:
-        check = twin.precisions.get(precision)
-        if check is not None and check.passed and precision in native:
-            return precision
+    candidates = [
+        p for p in SPEED_ORDER if (c := twin.precisions.get(p)) is not None and c.passed
+    ]
+    candidates = [p for p in candidates if p in native]
+    speeds = {p: twin.precisions[p].ms_per_picture for p in candidates}
+    if candidates and all(ms is not None for ms in speeds.values()):
+        # Every candidate was timed at export: the fastest measured (int8 is not always
+        # faster than f32: without VNNI its quantize steps can cost more than they save).
+        return min(candidates, key=lambda p: (speeds[p] or 0.0, SPEED_ORDER.index(p)))
+    if candidates:  # one could not be timed at export (not native there): by kind
+        return candidates[0]
     raise ModelError(
         "no precision of the twin passed its check at export: "
         + "; ".join(f"{p}: {c.figures()}" for p, c in twin.precisions.items())
@@ -212,6 +238,17 @@ def read_twin_bytes(model_path: Path, check: PrecisionCheck) -> bytes:
             f"({(check.sha256 or '')[:12]}...): refused"
         )
     return data
+
+
+def twin_recorded(model_path: Path) -> bool:
+    """Whether the model's metadata records a twin that the settings would serve (read
+    without OpenVINO; nothing verified: the load does that)."""
+    if settings.runtime == "keras":
+        return False
+    try:
+        return read_twin(read_metadata(model_path.resolve())) is not None
+    except (ModelError, OSError):
+        return False
 
 
 def tensorflow_installed() -> bool:
@@ -315,31 +352,113 @@ def _first_shape(node: Any) -> list[Any] | None:
 
 
 class TwinModel:
-    """A compiled twin with Keras' ``predict_on_batch``: what ``worker.scoring`` calls."""
+    """A compiled twin: ``predict_pixels`` (what ``worker.scoring`` calls) takes the uint8
+    pixels and scales them inside the graph; ``predict_on_batch`` takes float32 inputs as
+    Keras does (compiled on first use: tests and tools, not the scoring path)."""
+
+    takes_pixels = True  # worker.scoring hands it uint8 pixels, not scaled floats
 
     def __init__(
-        self, compiled: Any, path: Path, precision: Precision, input_size: tuple[int, int]
+        self,
+        graph: Any,
+        config: dict[str, Any],
+        path: Path,
+        precision: Precision,
+        input_size: tuple[int, int],
     ) -> None:
-        self._compiled = compiled
+        self._graph = graph  # the twin as read (float32 input), for predict_on_batch
+        self._config = config
+        self._pixels = _compile(with_pixel_input(graph.clone()), config, path, precision)
+        self._floats: Any = None
         self._local = threading.local()  # one infer request per thread (threads pool)
+        self._lock = threading.Lock()
         self.path = path
         self.precision = precision
         # As Keras gives it: worker.model checks it the same way for both.
         self.input_shape: tuple[None, int, int, int] = (None, input_size[0], input_size[1], 3)
 
+    def predict_pixels(self, pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """Sigmoid outputs, shape (n, 1), for a (n, height, width, 3) uint8 batch: the
+        pixels ``worker.preprocess.pixels`` gives, scaled by ``PIXEL_SCALE`` in the graph."""
+        if pixels.dtype != np.uint8:
+            raise TypeError(f"the twin takes uint8 pixels, not {pixels.dtype}")
+        request = getattr(self._local, "pixels", None)
+        if request is None:
+            request = self._local.pixels = self._pixels.create_infer_request()
+        result = request.infer({0: np.ascontiguousarray(pixels)})
+        return np.array(result[0], dtype=np.float32)  # a copy: the request reuses its buffer
+
     def predict_on_batch(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """Sigmoid outputs, shape (n, 1), for a (n, height, width, 3) float32 batch."""
-        request = getattr(self._local, "request", None)
+        request = getattr(self._local, "floats", None)
         if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
+            with self._lock:
+                if self._floats is None:
+                    self._floats = _compile(self._graph, self._config, self.path, self.precision)
+            request = self._local.floats = self._floats.create_infer_request()
         result = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.array(result[0], dtype=np.float32)  # a copy: the request reuses its buffer
+        return np.array(result[0], dtype=np.float32)
+
+
+def with_pixel_input(graph: Any) -> Any:
+    """``graph`` taking uint8 pixels: convert to float32 and multiply by ``PIXEL_SCALE``
+    (the one factor ``worker.preprocess.scale`` applies) before the first layer. OpenVINO
+    folds the constant into the first convolution, so no separate scaling pass runs and
+    the pixels wait for their batch as uint8, a quarter of float32."""
+    import openvino
+    import openvino.opset13 as ops
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(graph)
+    ppp.input().tensor().set_element_type(openvino.Type.u8)
+    steps = ppp.input().preprocess()
+    steps.convert_element_type(openvino.Type.f32)
+    factor = ops.constant(np.float32(PIXEL_SCALE))
+    steps.custom(lambda node: ops.multiply(node, factor).output(0))
+    return ppp.build()
+
+
+def serving_config(precision: Precision, threads: int) -> dict[str, Any]:
+    """OpenVINO's CPU settings for one pool process serving at ``precision``.
+
+    One stream of ``threads`` threads (the pool process's share of the cores: workers
+    split ``cores / concurrency``, ``worker.model.default_tf_threads``), the latency hint
+    (one batch at a time), no pinning (the pool processes of one worker would pin to the
+    same cores), and the precision explicit: OpenVINO would otherwise run bf16 on a CPU
+    with AMX even for an f32 twin.
+    """
+    return {
+        # int8 lives in the graph (quantize/dequantize pairs); the rest runs at f32.
+        "INFERENCE_PRECISION_HINT": "f32" if precision == "int8" else precision,
+        "INFERENCE_NUM_THREADS": max(1, threads),
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": False,
+    }
+
+
+def _compile(graph: Any, config: dict[str, Any], path: Path, precision: Precision) -> Any:
+    try:
+        return openvino_core().compile_model(graph, "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+        raise ModelError(
+            f"OpenVINO cannot compile the twin {path.name} at {precision}: "
+            f"{str(exc).splitlines()[0][:300]}"
+        ) from None
 
 
 def compile_twin(
-    model_path: Path, data: bytes, precision: Precision, input_size: tuple[int, int], threads: int
+    model_path: Path,
+    data: bytes,
+    precision: Precision,
+    input_size: tuple[int, int],
+    threads: int,
+    edit: Callable[[Any], None] | None = None,
 ) -> TwinModel:
-    """Read a twin's bytes with OpenVINO, refuse what is not plain and shaped right, compile."""
+    """Read a twin's bytes with OpenVINO, refuse what is not plain and shaped right, compile.
+
+    ``edit`` changes the checked graph in place before it is compiled (the export's bf16
+    emulation, ``training.export.round_to_bf16``)."""
     core = openvino_core()
     try:
         graph = core.read_model(data)
@@ -368,23 +487,14 @@ def compile_twin(
             f"twin of {model_path.name} takes input {shape}, but the .h5 takes "
             f"[?,{input_size[0]},{input_size[1]},3]: refused"
         )
-    config = {
-        # int8 lives in the graph (quantize/dequantize pairs); the rest runs at f32.
-        "INFERENCE_PRECISION_HINT": "f32" if precision == "int8" else precision,
-        "INFERENCE_NUM_THREADS": max(1, threads),
-        "NUM_STREAMS": 1,
-        "PERFORMANCE_HINT": "LATENCY",
-        # Pinned threads of two pool processes would share one core.
-        "ENABLE_CPU_PINNING": False,
-    }
-    try:
-        compiled = core.compile_model(graph, "CPU", config)
-    except Exception as exc:
-        raise ModelError(
-            f"OpenVINO cannot compile the twin of {model_path.name} at {precision}: "
-            f"{str(exc).splitlines()[0][:300]}"
-        ) from None
-    return TwinModel(compiled, model_path.with_suffix(".onnx"), precision, input_size)
+    import openvino
+
+    if graph.inputs[0].get_element_type() != openvino.Type.f32:
+        raise ModelError(f"twin of {model_path.name} must take float32 inputs: refused")
+    if edit is not None:
+        edit(graph)
+    config = serving_config(precision, threads)
+    return TwinModel(graph, config, model_path.with_suffix(".onnx"), precision, input_size)
 
 
 def load_twin(
@@ -410,6 +520,10 @@ def load_twin(
     data = read_twin_bytes(model_path, check)
     model = compile_twin(model_path, data, precision, input_size, threads)
     model.path = _twin_file(model_path, check)
+    # One pass of a full batch of black pixels: OpenVINO prepares its kernels for a
+    # shape on its first inference (measured: the first batch 0.27 s, the next 0.14 s),
+    # which then happens during the load (the worker's preload), not on a real batch.
+    model.predict_pixels(np.zeros((settings.batch_size, *input_size, 3), dtype=np.uint8))
     return model
 
 

@@ -1,8 +1,10 @@
 """Batched scoring: pictures -> outcomes, shared by the Celery worker and ``--local``.
 
 Outcomes stay aligned with their userids by construction (each carries its userid);
-the forward pass runs on whole batches with ``predict_on_batch``, never one
-``model.predict`` per picture.
+the forward pass runs on whole batches (``predict_pixels``), never one
+``model.predict`` per picture. Pictures stay uint8 pixels until then: Keras gets each
+batch scaled by ``worker.preprocess.scale``, the compiled twin the pixels themselves
+(it applies the same factor in its graph).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,16 +49,19 @@ class Failed:
 Outcome = Scored | Failed
 
 
-def predict_raw(
-    bundle: ModelBundle, batch: NDArray[np.float32], batch_size: int
-) -> NDArray[np.float64]:
-    """Sigmoid outputs for a stack of preprocessed pictures, ``batch_size`` at a time."""
+def predict_pixels(model: Any, pixels: NDArray[np.uint8], batch_size: int) -> NDArray[np.float64]:
+    """Sigmoid outputs for stacked uint8 pixels, ``batch_size`` at a time.
+
+    Keras gets each chunk scaled by ``worker.preprocess.scale``; a compiled twin
+    (``takes_pixels``) gets the pixels themselves and applies the same factor in its
+    graph. Only one chunk is ever held in float32.
+    """
+    takes_pixels = getattr(model, "takes_pixels", False)
     outputs = []
-    for start in range(0, len(batch), batch_size):
-        chunk = batch[start : start + batch_size]
-        outputs.append(
-            np.asarray(bundle.model.predict_on_batch(chunk), dtype=np.float64).reshape(-1)
-        )
+    for start in range(0, len(pixels), batch_size):
+        chunk = pixels[start : start + batch_size]
+        raw = model.predict_pixels(chunk) if takes_pixels else model.predict_on_batch(scale(chunk))
+        outputs.append(np.asarray(raw, dtype=np.float64).reshape(-1))
     return np.concatenate(outputs) if outputs else np.zeros(0)
 
 
@@ -76,7 +82,8 @@ def content_digest(data: bytes) -> str:
 
 
 # (uint8 pixels, content digest) or why not. Pixels wait for their batch as uint8, a
-# quarter of float32; ``infer`` scales the stacked batch (worker.preprocess.scale).
+# quarter of float32; ``predict_pixels`` scales one chunk at a time for Keras, and the
+# twin scales inside its graph.
 Prepared = tuple[NDArray[np.uint8], str] | Failed
 
 
@@ -112,8 +119,8 @@ def infer(
     ready = [(i, e) for i, e in enumerate(prepared) if not isinstance(e, Failed)]
     if ready:
         try:
-            batch = scale(np.stack([array for _, (array, _) in ready]))
-            raw = predict_raw(bundle, batch, batch_size)
+            batch = np.stack([array for _, (array, _) in ready])
+            raw = predict_pixels(bundle.model, batch, batch_size)
         except Exception as exc:  # the model failed on these inputs: their error, not a crash
             reason = f"{type(exc).__name__}: {exc}"[:300]
             for index, _ in ready:

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 from billiard.einfo import ExceptionInfo
+from celery import signals
 from celery.utils.log import get_task_logger
 from celery.worker import state as worker_state
 from celery.worker.request import Request
@@ -34,10 +35,12 @@ from worker.batching import (
     ScoreRequest,
     group_by_run,
 )
-from worker.celery import app, pool_processes
+from worker.celery import TRAINING_QUEUE, app, pool_processes
+from worker.celery import _role as celery_role  # the worker's role, set before the fork
 from worker.events import TaskEvents
 from worker.ids import describe
 from worker.results import connect, record_deaths
+from worker.runtime import twin_recorded
 from worker.settings import settings
 
 log = get_task_logger(__name__)
@@ -185,3 +188,30 @@ def score(requests: list[SimpleRequest]) -> dict[str, Any]:
             reply.ack.append(str(r.id))
     done = score.scorer.process(batch)
     return {"ack": reply.ack + done.ack, "requeue": done.requeue, "progress": done.progress}
+
+
+@signals.worker_process_init.connect
+def preload_model(**_: Any) -> None:
+    """Start loading the default model's compiled twin as soon as a scoring pool
+    process exists.
+
+    The load (OpenVINO's import, the compile and a warm-up pass) then runs while the
+    main process still connects to the broker and waits for its first batch, instead
+    of after it: the cold start's first batch finds the model ready, or waits on the
+    cache's lock for the load in progress. In a thread, because Celery gives a pool
+    process's start only ``worker_proc_alive_timeout`` (4 s). Only a twin is preloaded:
+    TensorFlow imported in a thread while the pool process starts left a worker's
+    ordinary tasks undispatched in the tests (tests/integration/test_nightly.py), and
+    Keras is the fallback path anyway. A failed preload is logged and left: the first
+    batch loads the model again and records why it cannot.
+    """
+    if TRAINING_QUEUE in celery_role or not twin_recorded(settings.model):
+        return
+    threading.Thread(target=_preload, name="genderscore-preload", daemon=True).start()
+
+
+def _preload() -> None:
+    try:
+        score.scorer.models.get(settings.model)
+    except Exception as exc:  # the first batch records the model's error for its pictures
+        log.warning("preloading %s failed: %s", settings.model, exc)

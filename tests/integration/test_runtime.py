@@ -123,6 +123,16 @@ def test_export_command_checks_each_precision_on_calibration_pictures(
     lines = result.output.splitlines()
     assert any(line.strip().startswith("f32: labels agree 100.00 %") for line in lines), lines
     assert "GENDERSCORE_PRECISION=auto serves" in result.output
+    from worker.runtime import cpu_capabilities
+
+    f32, bf16 = twin["precisions"]["f32"], twin["precisions"]["bf16"]
+    if "BF16" in cpu_capabilities():  # measured for real, timed
+        assert not bf16["emulated"] and bf16["ms_per_picture"] is not None
+    else:  # OpenVINO would run f32: bf16 is emulated, its figures kept, no speed
+        assert bf16["emulated"] and bf16["ms_per_picture"] is None
+        assert "emulated" in result.output
+    # bf16 rounding (8 bits of mantissa) shows; f32 differs from Keras by rounding only.
+    assert bf16["max_abs_dp"] > 100 * f32["max_abs_dp"] and bf16["max_abs_dp"] > 1e-5
     for precision, check in twin["precisions"].items():
         assert check["pictures"] in (0, 240)
         if check["passed"]:
@@ -167,17 +177,23 @@ def test_export_without_calibration_or_of_a_bare_h5_is_refused(
 
 
 def test_f32_twin_scores_within_1e_5_of_keras(trained: Path, calibration: Path, allow: Any) -> None:
-    from worker.preprocess import preprocess_file
+    from worker.preprocess import load_picture, pixels, scale
+    from worker.scoring import predict_pixels
 
-    pictures = np.stack([preprocess_file(p, (32, 32)) for p in sorted(calibration.iterdir())])
+    decoded = np.stack([pixels(load_picture(p), (32, 32)) for p in sorted(calibration.iterdir())])
     allow("keras")
     keras_bundle = load_bundle(trained, 1)
     allow("openvino", "f32")
     twin_bundle = load_bundle(trained, 1)
     assert (keras_bundle.runtime, twin_bundle.runtime) == ("keras", "openvino")
     assert twin_bundle.precision == "f32" and twin_bundle.input_size == (32, 32)
-    expected = np.asarray(keras_bundle.model.predict_on_batch(pictures)).reshape(-1)
-    got = np.asarray(twin_bundle.model.predict_on_batch(pictures)).reshape(-1)
+    expected = np.asarray(keras_bundle.model.predict_on_batch(scale(decoded))).reshape(-1)
+    # What a worker runs: the twin gets the uint8 pixels and scales them in its graph ...
+    served = predict_pixels(twin_bundle.model, decoded, 16)
+    assert np.max(np.abs(served - expected)) <= 1e-5
+    assert np.max(np.abs(predict_pixels(keras_bundle.model, decoded, 16) - expected)) == 0.0
+    # ... and, like Keras, it takes the scaled arrays too.
+    got = np.asarray(twin_bundle.model.predict_on_batch(scale(decoded))).reshape(-1)
     assert np.max(np.abs(got - expected)) <= 1e-5
     assert len(np.unique(np.round(expected, 3))) > 10  # a model whose outputs vary
 

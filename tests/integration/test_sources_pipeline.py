@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -26,12 +26,18 @@ import redis
 from click.testing import CliRunner
 
 from producer.cli import main
-from tests.helpers import ROOT, celery_worker, jpeg_bytes, picture, worker_env
+from tests.helpers import (
+    ROOT,
+    background,
+    celery_worker,
+    jpeg_bytes,
+    picture,
+    wait_until,
+    worker_env,
+)
 from tests.servers import (  # noqa: F401 - fixtures
     ADMIN_KEY,
     ADMIN_SECRET,
-    LISTER_KEY,
-    LISTER_SECRET,
     READER_KEY,
     READER_SECRET,
     HttpPictures,
@@ -40,11 +46,12 @@ from tests.servers import (  # noqa: F401 - fixtures
     http_server,
     s3_server,
 )
-from worker.keys import run_keys, scored_index
+from worker.keys import nightly_lock, run_keys, scored_index
 from worker.settings import settings
 
 BUCKET = "src10"
 PREFIX = f"s3://{BUCKET}/profiles/image/"
+NIGHTLY = f"s3://{BUCKET}/nightly/"
 COUNT = 24
 
 
@@ -154,11 +161,18 @@ def world(
 ) -> Iterator[World]:
     tag = uuid.uuid4().hex[:8]
     common = {"GENDERSCORE_MODEL": str(tiny_model), **s3_server.env()}
+    nightly_out = tmp_path_factory.mktemp("nightly-out")
     env = {
         **common,
         "GENDERSCORE_KEY_PREFIX": f"gssrc{tag}",
         "GENDERSCORE_FETCH_TIMEOUT": "1",
         "GENDERSCORE_FETCH_ATTEMPTS": "1",
+        # Read by the worker when beat (started by the nightly test only) sends the task.
+        "GENDERSCORE_NIGHTLY_SOURCE": NIGHTLY,
+        "GENDERSCORE_NIGHTLY_OUTPUT_DIR": str(nightly_out),
+        "GENDERSCORE_NIGHTLY_CRON": "2",
+        "GENDERSCORE_NIGHTLY_POLL_SECONDS": "0.5",
+        "GENDERSCORE_NIGHTLY_LOCK_SECONDS": "120",
     }
     idle_env = {**common, "GENDERSCORE_KEY_PREFIX": f"gssrq{tag}"}
     fs = s3_server.filesystem()
@@ -222,10 +236,22 @@ def test_score_an_s3_prefix_end_to_end_without_leaking_credentials(
         assert secret not in text
     world.client.delete(f"{world.prefix(idle=True)}:score")
 
+    # --local: the same objects fetched and scored in this process, the same results.
+    local = tmp_path / "local.csv"
+    result = CliRunner().invoke(
+        main, ["score", PREFIX, "--local", "--out", str(local)], env=world.store.env()
+    )
+    assert result.exit_code == 0, result.output
+    by_worker = {r["userid"]: float(r["p_female"]) for r in rows}
+    local_rows = read_csv(local)
+    assert [r["userid"] for r in local_rows] == sorted(by_worker)
+    for row in local_rows:
+        assert abs(float(row["p_female"]) - by_worker[row["userid"]]) < 1e-5, row
+
 
 def test_only_new_on_a_prefix_uses_the_listing(world: World, tmp_path: Path) -> None:
-    first = tmp_path / "first.csv"
-    proc = world.cli("score", PREFIX, "--wait", "--out", str(first), "--timeout", "150")
+    first = tmp_path / "first.csv"  # scores what is not scored yet (nothing, after the above)
+    proc = world.cli("score", PREFIX, "--only-new", "--wait", "--out", str(first))
     assert proc.returncode == 0, proc.stderr
     again = world.cli("score", PREFIX, "--only-new", "--wait", "--out", str(tmp_path / "0.csv"))
     assert again.returncode == 0, again.stderr
@@ -242,27 +268,46 @@ def test_only_new_on_a_prefix_uses_the_listing(world: World, tmp_path: Path) -> 
     assert [r["userid"] for r in read_csv(out)] == ["s005"]
 
 
+def refusal(args: list[str], env: Mapping[str, str | None], code: int = 2) -> str:
+    """The one error line of ``genderscore ARGS``, run in this process with ``env``
+    (it fails before Redis: any key prefix will do)."""
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
 def test_missing_bucket_and_denied_listing_are_one_line(world: World) -> None:
-    line = one_line_failure(world.cli("score", f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/x/"), 2)
+    env = world.store.env()
+    line = refusal(["score", f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/x/"], env)
     assert "no such bucket or prefix" in line
-    line = one_line_failure(world.cli("score", f"s3://{BUCKET}/no/such/prefix/"), 2)
+    line = refusal(["score", f"s3://{BUCKET}/no/such/prefix/"], env)
     assert "no such bucket or prefix" in line
+    # --allow-empty: a prefix with nothing under it is an empty run; a missing bucket
+    # is still refused.
+    empty = ["score", f"s3://{BUCKET}/no/such/prefix/", "--allow-empty"]
+    result = CliRunner().invoke(main, empty, env=env)
+    assert result.exit_code == 0 and ": 0 tasks enqueued" in result.output, result.output
+    missing = ["score", f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/x/", "--allow-empty"]
+    assert "no such bucket or prefix" in refusal(missing, env)
     # The reader identity may read objects but not list them: S3's own 403.
-    denied = dict(world.env, AWS_ACCESS_KEY_ID=READER_KEY, AWS_SECRET_ACCESS_KEY=READER_SECRET)
-    proc = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "score", PREFIX],
-        cwd=ROOT,
-        env=worker_env(denied),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    line = one_line_failure(proc, 2)
-    assert "access denied" in line and READER_SECRET not in proc.stderr
+    denied = world.store.env(READER_KEY, READER_SECRET)
+    line = refusal(["score", PREFIX], denied)
+    assert "access denied" in line and READER_SECRET not in line
+    # No credentials at all: said so, before any request.
+    bare: dict[str, str | None] = {name: None for name in env}
+    bare |= {"AWS_ENDPOINT_URL": env["AWS_ENDPOINT_URL"], "AWS_EC2_METADATA_DISABLED": "true"}
+    bare |= {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    assert "AWS_ACCESS_KEY_ID" in refusal(["score", PREFIX], bare)
+    # A store that does not answer: exit 3, as for Redis or the broker.
+    down = dict(env, AWS_ENDPOINT_URL="http://127.0.0.1:9")
+    assert "cannot reach the store" in refusal(["score", PREFIX], down, code=3)
     # A scheme that cannot be listed, and credentials in the URL, are refused before
     # any request.
-    assert "--manifest" in one_line_failure(world.cli("score", "https://example.com/p/"), 2)
-    line = one_line_failure(world.cli("score", f"s3://key:{ADMIN_SECRET}@{BUCKET}/p/"), 2)
+    assert "--manifest" in refusal(["score", "https://example.com/p/"], env)
+    line = refusal(["score", f"s3://key:{ADMIN_SECRET}@{BUCKET}/p/"], env)
     assert ADMIN_SECRET not in line and "AWS_ACCESS_KEY_ID" in line
 
 
@@ -304,6 +349,12 @@ def test_score_a_manifest_of_urls_with_every_failure(
     served = {f"m{u}": http_server.url(f"/pics/m{u}.jpg") for u in good}
     expected_errors = {
         "gone": (http_server.url("/pics/gone.jpg"), "not_found"),
+        "nokey": (f"{PREFIX}nothere.jpg", "not_found"),  # a missing key of the store
+        # A redirect to the cloud metadata service: refused by the worker, not followed.
+        "redirected": (
+            http_server.url("/redirect?to=http://169.254.169.254/latest/meta-data/"),
+            "blocked_url",
+        ),
         "denied": (http_server.url("/status/403"), "forbidden"),
         "huge": (http_server.url("/huge"), "too_large"),
         "loop": (http_server.url("/loop/a"), "fetch_failed"),
@@ -399,17 +450,58 @@ def test_reconcile_a_manifest_run(world: World, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     queue = f"{world.prefix(idle=True)}:score"
     world.client.delete(queue)
-    assert world.cli("reconcile", "repair-m", idle=True).stdout.strip() == "2"
-    assert sorted((m[1], m[2]) for m in world.queued()) == [
-        ("a1", "http://a.example/1.jpg"),
-        ("a2", "http://a.example/2.jpg"),
-    ]
-    world.client.delete(queue)
     # Redis lost the run's userids: the manifest, which Redis never held, is needed.
     world.client.delete(world.key(lambda r: run_keys(r).ids, "repair-m", idle=True))
     line = one_line_failure(world.cli("reconcile", "repair-m", idle=True), 2)
     assert "pass --manifest FILE again" in line
     fixed = world.cli("reconcile", "repair-m", "--manifest", str(manifest), idle=True)
     assert fixed.returncode == 0, fixed.stderr
-    assert fixed.stdout.strip() == "2" and len(world.queued()) == 2
+    assert fixed.stdout.strip() == "2"
+    assert sorted((m[1], m[2]) for m in world.queued()) == [
+        ("a1", "http://a.example/1.jpg"),  # each message carries its manifest URL
+        ("a2", "http://a.example/2.jpg"),
+    ]
     world.client.delete(queue)
+
+
+# --- the nightly run on a prefix ------------------------------------------------------------
+
+
+def test_nightly_run_on_a_prefix_scores_new_and_changed_objects(
+    world: World, tmp_path: Path
+) -> None:
+    out = Path(world.env["GENDERSCORE_NIGHTLY_OUTPUT_DIR"])
+    fs = world.store.filesystem()
+    first = {f"n{u}": data for u, data in pictures(6, offset=300).items()}
+    fs.pipe({f"{BUCKET}/nightly/{u}.jpg": data for u, data in first.items()})
+
+    def dated() -> list[Path]:
+        found = out.glob("*-nightly-*.csv")
+        return sorted(p for p in found if not p.name.endswith(".errors.csv"))
+
+    beat = [sys.executable, "-m", "celery", "-A", "worker", "beat", "--loglevel=INFO"]
+    beat += ["-s", str(tmp_path / "schedule")]
+    lock = world.key(nightly_lock)
+    with background(beat, tmp_path / "beat.log", world.env):
+        wait_until(lambda: len(dated()) >= 1, 120, "the first nightly CSV")
+        assert [r["userid"] for r in read_csv(dated()[0])] == sorted(first)
+        # Change the prefix under the lock, so that no run sees half of the change.
+        wait_until(lambda: world.client.set(lock, "test", nx=True, ex=60), 60, "the lock")
+        try:
+            fs.pipe(f"{BUCKET}/nightly/ns003.jpg", pictures(1, offset=900)["s000"])
+            fs.pipe(f"{BUCKET}/nightly/added.jpg", pictures(1, offset=901)["s000"])
+        finally:
+            world.client.delete(lock)
+        wait_until(lambda: len(dated()) >= 2, 120, "the second nightly CSV")
+    assert [r["userid"] for r in read_csv(dated()[1])] == ["added", "ns003"]
+    assert "Traceback" not in world.worker_log.read_text(errors="replace")
+
+
+def test_no_credential_anywhere_after_every_run(world: World) -> None:
+    """After all of the above (runs, errors, repairs, nightly runs): Redis, the worker's
+    log and every command's output still hold no credential of the store."""
+    text = world.dump() + world.worker_log.read_text(errors="replace")
+    text += "\n".join(world.cli_output)
+    for secret in (ADMIN_SECRET, ADMIN_KEY, READER_SECRET):
+        assert secret not in text
+    assert "X-Amz-Signature" not in text and "X-Amz-Credential" not in text
