@@ -65,6 +65,7 @@ TARGETS = {
     # issue 12: the machinery's CPU per picture during the warm (b) run
     "b_over_a_default": 0.93, "worker_main_ms": 0.25, "idle_share": 0.03,
     "redis_producer_ms": 0.15,
+    "d_over_b": 0.9,  # issue 10
 }
 KERAS = {"GENDERSCORE_RUNTIME": "keras"}
 
@@ -85,6 +86,7 @@ class Plan:
     profile: str = "full"  # picture sizes: "full" (100x100..1024x768) or "quick"
     seed: int = 1
     peers: bool = False  # also Ray Data's recipe (bench.peers; the bench-peers extra)
+    s3_delay_ms: float = 20.0  # (d): S3 with this latency per request; < 0: no (d)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -231,7 +233,7 @@ def warmup_size(bench: Bench, processes: int) -> int:
     return min(bench.pictures.count, 2 * settings.batch_size * max(1, processes))
 
 
-def score_run(bench: Bench, folder: Path, count: int, label: str,
+def score_run(bench: Bench, folder: Path | str, count: int, label: str,
               env: dict[str, str], meter: CpuMeter | None = None) -> dict[str, Any]:
     """One ``genderscore score --wait --out`` run: first enqueue to CSV written.
 
@@ -267,8 +269,10 @@ def score_run(bench: Bench, folder: Path, count: int, label: str,
 
 def measure_pipeline(bench: Bench, count: int, label: str = "",
                      worker_env: dict[str, str] | None = None,
-                     worker_args: tuple[str, ...] = (), app: str = "worker") -> dict[str, Any]:
-    """(b) fresh workers; a warm-up run loads the model (cold), then the timed run (warm)."""
+                     worker_args: tuple[str, ...] = (), app: str = "worker",
+                     source: str | None = None) -> dict[str, Any]:
+    """(b) fresh workers; a warm-up run loads the model (cold), then the timed run (warm)
+    on the folder of ``count`` pictures, or on ``source`` (a URL prefix holding them)."""
     from worker.keys import model_loads
 
     label = label or f"pipeline-{count}"
@@ -279,7 +283,7 @@ def measure_pipeline(bench: Bench, count: int, label: str = "",
         warm_n = warmup_size(bench, len(worker.pool_pids()))
         cold = score_run(bench, bench.folder(warm_n), warm_n, f"{label}-warmup", env)
         meter = CpuMeter(worker.proc.pid, redis_server_pid(bench.client))
-        result = score_run(bench, bench.folder(count), count, label, env, meter)
+        result = score_run(bench, source or bench.folder(count), count, label, env, meter)
         rss = worker.peak_rss_mb()
         processes = len(worker.pool_pids()) or 1  # solo and threads: the main process scores
     loads = {k: int(v) for k, v in bench.client.hgetall(model_loads()).items()}
@@ -290,6 +294,20 @@ def measure_pipeline(bench: Bench, count: int, label: str = "",
         "model_loads": sum(loads.values()),
         "model_loads_by_process": loads,
     }
+
+
+def measure_s3(bench: Bench, count: int, delay_ms: float) -> dict[str, Any]:
+    """(d) (b) with the pictures in a SeaweedFS S3 store behind a proxy that delays every
+    request by ``delay_ms`` (``bench.sources.s3_with_latency``); the store and the proxy
+    run on this machine, so their CPU is shown apart."""
+    from bench.sources import s3_with_latency, serving_cpu
+
+    with s3_with_latency(bench.folder(count), delay_ms) as (prefix, s3_env):
+        before = serving_cpu()
+        result = measure_pipeline(bench, count, f"s3-{count}", s3_env, source=prefix)
+        served = serving_cpu() - before  # the warm-up run's pictures come from the folder
+    return result | {"delay_ms": delay_ms,
+                     "store_and_proxy_cpu_ms_per_picture": round(1000 * served / count, 3)}
 
 
 def measure_naive(bench: Bench, count: int) -> dict[str, Any]:
@@ -460,6 +478,8 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         ("pipeline", lambda: measure_pipeline(bench, plan.n)),
         ("naive", lambda: measure_naive(bench, min(plan.naive_n, plan.n))),
     ]
+    if plan.s3_delay_ms >= 0:
+        phases.append(("s3", lambda: measure_s3(bench, plan.n, plan.s3_delay_ms)))
     if plan.peers:
         phases.append(("peer_ray", lambda: measure_ray(bench, plan.n)))
     for name, action in phases:
@@ -484,6 +504,9 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         "b_over_c": round(results["pipeline"]["images_per_s"]
                           / results["naive"]["images_per_s"], 2),
     }
+    if "s3" in results:
+        results["ratios"]["d_over_b"] = round(results["s3"]["images_per_s"]
+                                              / results["pipeline"]["images_per_s"], 3)
     results["targets"] = targets(results)
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
@@ -524,6 +547,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _target("(b) machine idle share (warm run)", pipeline["cpu"]["idle_share"], "<=",
                 TARGETS["idle_share"]),
         _target("(b)/(c)", results["ratios"]["b_over_c"], ">=", TARGETS["b_over_c"]),
+        *([_target(f"(d)/(b): S3, {results['s3']['delay_ms']:g} ms per request",
+                   results["ratios"]["d_over_b"], ">=", TARGETS["d_over_b"])]
+          if "s3" in results else []),
         _target("worker peak RSS per process (MB)", worker_rss, "<=", TARGETS["worker_rss_mb"]),
         _target("model loads = worker processes", pipeline["model_loads"], "==",
                 pipeline["worker_processes"]),
@@ -577,6 +603,8 @@ def table(results: dict[str, Any]) -> str:
         + f"  {_warmup(pipe)}",
         _row("(c) naive: one task + model.predict per picture", naive)
         + f"  {_warmup(naive)}",
+        *([_row(f"(d) (b) from S3, +{results['s3']['delay_ms']:g} ms per request",
+                results["s3"]) + f"  {_warmup(results['s3'])}"] if "s3" in results else []),
         "",
         f"{'(b) at N, fresh workers each (warm)':<52} {'pictures':>8} {'seconds':>8} "
         f"{'img/s':>8}  collect s | worker peak RSS MB | cold",
@@ -639,11 +667,17 @@ def cpu_table(results: dict[str, Any]) -> list[str]:
              f"{'(a) score --local (one process)':<36} {'':>7} {'':>7} {'':>7} "
              f"{local['cpu_ms_per_picture']:>9.3f} {local['cpu_ms_per_picture']:>7.3f} "
              f"{local['idle_share']:>6.1%}"]
-    for name, result in (("(b) pipeline", pipe), ("(c) naive (producer not counted)", naive)):
+    rows = [("(b) pipeline", pipe), ("(c) naive (producer not counted)", naive)]
+    if "s3" in results:
+        rows.append(("(d) pipeline from S3", results["s3"]))
+    for name, result in rows:
         ms = result["cpu"]["ms_per_picture"]
         lines.append(f"{name:<36} " + " ".join(f"{ms[k]:>{9 if k == 'producer' else 7}.3f}"
                                               for k in parts)
                      + f" {sum(ms.values()):>7.3f} {result['cpu']['idle_share']:>6.1%}")
+    if "s3" in results:
+        lines.append(f"(d) the S3 store and the delaying proxy, on the same cores: "
+                     f"{results['s3']['store_and_proxy_cpu_ms_per_picture']:.3f} ms per picture")
     lines.append(f"(b) producer start-up (imports), not per picture: "
                  f"{pipe['cpu']['producer_startup_ms']:.0f} ms of CPU, once per command")
     return lines
@@ -684,6 +718,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {quick.n} small pictures, a {quick.model_size}x"
                         f"{quick.model_size} model, small counts")
+    parser.add_argument("--s3-delay-ms", type=float,
+                        help="(d): latency added to every S3 request, ms (20; -1: no (d))")
     parser.add_argument("--peers", action="store_true",
                         help="also run Ray Data's batch-inference recipe (needs the "
                         "bench-peers extra)")
@@ -706,6 +742,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         enqueue_n=args.enqueue or base.enqueue_n,
         collect_n=args.collect or base.collect_n,
         peers=args.peers,
+        s3_delay_ms=base.s3_delay_ms if args.s3_delay_ms is None else args.s3_delay_ms,
     )
 
 

@@ -216,9 +216,9 @@ def bench_pipeline(pictures: int, delay_ms: float, quick: bool, repeats: int,
                 score_source(bench, str(bench.folder(warm_n)), warm_n, "warmup", env)
                 for n in range(repeats):
                     runs["b"].append(score_source(bench, str(folder), pictures, f"b{n}", env))
-                    serving = _serving_cpu()
+                    serving = serving_cpu()
                     runs["d"].append(score_source(bench, url, pictures, f"d{n}", env))
-                    runs["d"][-1]["serving_cpu_ms"] = (_serving_cpu() - serving) * 1000 / pictures
+                    runs["d"][-1]["serving_cpu_ms"] = (serving_cpu() - serving) * 1000 / pictures
                 processes = len(worker.pool_pids()) or 1
     finally:
         from bench.micro import delete_prefix
@@ -244,7 +244,7 @@ def bench_pipeline(pictures: int, delay_ms: float, quick: bool, repeats: int,
           f"(target >= 0.9: {'met' if middle >= 0.9 else 'NOT met'})")
 
 
-def _serving_cpu() -> float:
+def serving_cpu() -> float:
     """CPU seconds so far of this process's store (weed) and delaying proxy children."""
     from bench.procs import children
 
