@@ -102,8 +102,22 @@ def test_quick_benchmark_reports_every_figure(
     collected = result["collect"]
     assert collected["predictions"] == 20_000 and collected["seconds"] > 0
     assert collected["info_bytes_per_prediction"] > 0 and collected["key_bytes_per_prediction"] > 0
+    # CPU per picture by component, read from /proc, for (a), (b), (c) and (d).
+    for measure in ("pipeline", "naive", "s3"):
+        cpu = result[measure]["cpu"]
+        assert set(cpu["ms_per_picture"]) == {
+            "worker_main", "pool_processes", "redis_server", "producer"
+        }, measure
+        assert cpu["ms_per_picture"]["pool_processes"] > 0, measure
+        assert cpu["ms_per_picture"]["worker_main"] > 0, measure
+        assert 0 <= cpu["idle_share"] <= 1, measure
+    assert result["pipeline"]["cpu"]["ms_per_picture"]["producer"] > 0
+    assert result["local"]["cpu_ms_per_picture"] > 0 and 0 <= result["local"]["idle_share"] <= 1
+    assert result["s3"]["rows"] == result["s3"]["pictures"] and result["s3"]["delay_ms"] == 20
+    assert result["ratios"]["d_over_b"] > 0
     assert {t["name"].split(" ")[0] for t in result["targets"]} >= {
-        "(b)/(a)",
+        "(b)/(a),",
+        "(d)/(b):",
         "(b)/(c)",
         "worker",
         "model",
@@ -128,6 +142,10 @@ def test_quick_benchmark_reports_every_figure(
         "enqueue 2,000 userids",
         "collect 20,000 predictions",
         "Redis bytes",
+        "(d) (b) from S3",
+        "CPU ms per picture",
+        "(b) worker main process, CPU ms per picture",
+        "(b) machine idle share",
     ):
         assert line in proc.stdout, line
     assert_no_keys(redis_client, result["settings"]["key_prefix"])
