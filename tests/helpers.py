@@ -153,3 +153,14 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.05)
+
+
+def run_setup(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python3 docker/setup-secrets.py --root ROOT ARGS`` with only ``env`` set."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "setup-secrets.py"), "--root", str(root), *args],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

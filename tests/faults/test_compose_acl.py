@@ -40,6 +40,7 @@ from tests.helpers import (
     background,
     celery_worker,
     make_pictures,
+    run_setup,
     wait_until,
     worker_env,
     write_profiles,
@@ -47,22 +48,10 @@ from tests.helpers import (
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(900)]
 
-SETUP = ROOT / "docker" / "setup-secrets.py"
 SERVICES = ("worker", "beat", "trainer", "cli", "flower", "metrics")
 READ_ONLY = ("flower", "metrics")
 PICTURES, NIGHTLY_PICTURES = 12, 6
 FLOWER_API = ("/api/workers?refresh=1", "/api/tasks", "/api/queues/length")
-
-
-def run_setup(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python3 docker/setup-secrets.py --root ROOT ARGS`` with only ``env`` set."""
-    return subprocess.run(
-        [sys.executable, str(SETUP), "--root", str(root), *args],
-        env={"PATH": os.environ["PATH"], **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def container_uid() -> str:

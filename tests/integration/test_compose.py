@@ -21,7 +21,6 @@ import shlex
 import shutil
 import stat
 import subprocess
-import sys
 import tomllib
 import warnings
 from pathlib import Path
@@ -30,11 +29,10 @@ from typing import Any
 import click
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_setup
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-SETUP = ROOT / "docker" / "setup-secrets.py"
 # What docker/setup-secrets.py writes into .env; compose refuses to start without them.
 REQUIRED = {"GENDERSCORE_UID": "1000", "GENDERSCORE_GID": "1000"}
 APP_SERVICES = {"worker", "trainer", "beat", "flower", "metrics", "cli"}
@@ -413,17 +411,6 @@ def test_app_services_share_mounts_settings_and_a_non_root_user(
 
 
 # --- docker/setup-secrets.py ---------------------------------------------------------------
-
-
-def run_setup(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python3 docker/setup-secrets.py --root ROOT ARGS`` with only ``env`` set."""
-    return subprocess.run(
-        [sys.executable, str(SETUP), "--root", str(root), *args],
-        env={"PATH": os.environ["PATH"], **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def own_ids() -> dict[str, str]:
