@@ -22,6 +22,40 @@ from worker.settings import cpu_count, settings
 CHUNK = 512
 
 
+class _Results:
+    """What a local run scored and failed so far; its run data at the end."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.predictions: dict[str, Prediction] = {}
+        self.errors: dict[str, str] = {}
+
+    def add(self, outcomes: Sequence[Any]) -> None:
+        """Record a chunk's outcomes (``worker.scoring.Scored`` or ``Failed``)."""
+        from worker.scoring import Failed
+
+        now = time.time()
+        for outcome in outcomes:
+            if isinstance(outcome, Failed):
+                self.errors[outcome.userid] = outcome.reason
+            else:
+                self.predictions[outcome.userid] = Prediction(
+                    outcome.p_female, outcome.gender, now
+                )
+
+    def run_data(self, model_path: Path, model_sha: str, source: str, total: int) -> RunData:
+        """The local run as a run's data, for the collector's writers."""
+        meta = {
+            "model": str(model_path),
+            "model_sha": model_sha,
+            "source": source,
+            "started_at": f"{self.started:.3f}",
+            "finished_at": f"{time.time():.3f}",
+            "total": str(total),
+        }
+        return RunData("local", meta, self.predictions, self.errors)
+
+
 def score_local(
     model_path: Path,
     images_dir: Path,
@@ -32,14 +66,12 @@ def score_local(
     """Score the ``(userid, file name)`` pictures of a folder in this process; return them
     as a run's data."""
     from worker.model import load_bundle
-    from worker.scoring import Failed, infer, prepare
+    from worker.scoring import infer, prepare
 
     bundle = load_bundle(model_path, tf_threads=cpu_count())
     size = batch_size or settings.batch_size
     items = [(u, images_dir / name) for u, name in pictures]
-    predictions: dict[str, Prediction] = {}
-    errors: dict[str, str] = {}
-    started = time.time()
+    results = _Results()
     with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
 
         def submit(start: int) -> list[Future[Any]]:
@@ -50,24 +82,10 @@ def score_local(
             prepared = [f.result() for f in pending]
             pending = submit(start + CHUNK)  # decode the next chunk during inference
             userids = [userid for userid, _ in items[start : start + CHUNK]]
-            outcomes = infer(bundle, userids, prepared, size)
-            now = time.time()
-            for outcome in outcomes:
-                if isinstance(outcome, Failed):
-                    errors[outcome.userid] = outcome.reason
-                else:
-                    predictions[outcome.userid] = Prediction(outcome.p_female, outcome.gender, now)
+            results.add(infer(bundle, userids, prepared, size))
             if progress:
                 progress(len(prepared))
-    meta = {
-        "model": str(model_path),
-        "model_sha": bundle.sha256,
-        "source": f"folder:{images_dir}",
-        "started_at": f"{started:.3f}",
-        "finished_at": f"{time.time():.3f}",
-        "total": str(len(items)),
-    }
-    return RunData("local", meta, predictions, errors)
+    return results.run_data(model_path, bundle.sha256, f"folder:{images_dir}", len(items))
 
 
 def score_local_urls(
@@ -87,42 +105,22 @@ def score_local_urls(
     bundle = load_bundle(model_path, tf_threads=cpu_count())
     size = batch_size or settings.batch_size
     items = [(u, picture_string(spec, name)) for u, name in pictures]
-    predictions: dict[str, Prediction] = {}
-    errors: dict[str, str] = {}
-    started = time.time()
+    results = _Results()
+
+    def decode(entry: tuple[str, str, Any]) -> Prepared:
+        userid, _, got = entry
+        if isinstance(got, Unavailable | PictureError):
+            return Failed(userid, got.kind, got.message)
+        return prepare_bytes(bundle, userid, got)
+
     fetcher = Fetcher()
     try:
         with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
             fetched = fetcher.fetch_pictures(items)
             for start in range(0, len(items), CHUNK):
                 chunk = [next(fetched) for _ in items[start : start + CHUNK]]
-
-                def decode(entry: tuple[str, str, Any]) -> Prepared:
-                    userid, _, got = entry
-                    if isinstance(got, Unavailable):
-                        return Failed(userid, got.kind, got.message)
-                    if isinstance(got, PictureError):
-                        return Failed(userid, got.kind, got.message)
-                    return prepare_bytes(bundle, userid, got)
-
                 prepared = list(pool.map(decode, chunk))
-                outcomes = infer(bundle, [u for u, _, _ in chunk], prepared, size)
-                now = time.time()
-                for outcome in outcomes:
-                    if isinstance(outcome, Failed):
-                        errors[outcome.userid] = outcome.reason
-                    else:
-                        predictions[outcome.userid] = Prediction(
-                            outcome.p_female, outcome.gender, now
-                        )
+                results.add(infer(bundle, [u for u, _, _ in chunk], prepared, size))
     finally:
         fetcher.close()
-    meta = {
-        "model": str(model_path),
-        "model_sha": bundle.sha256,
-        "source": spec,
-        "started_at": f"{started:.3f}",
-        "finished_at": f"{time.time():.3f}",
-        "total": str(len(items)),
-    }
-    return RunData("local", meta, predictions, errors)
+    return results.run_data(model_path, bundle.sha256, spec, len(items))

@@ -218,11 +218,17 @@ _role: list[str] = []  # set by configure_worker, logged once logging is set up
 _repairer: list[Any] = []  # the scoring worker's repair thread, once started
 
 
+def is_training_worker() -> bool:
+    """Whether this worker consumes the training queue (known once the worker starts,
+    before its pool processes fork)."""
+    return TRAINING_QUEUE in _role
+
+
 @signals.worker_ready.connect
 def log_role(**_: Any) -> None:
     """Say which transport settings this worker runs with; start a scoring worker's
     repairer (Redis broker only: see ``worker.runs``)."""
-    if TRAINING_QUEUE in _role:
+    if is_training_worker():
         log.info(
             "training worker: visibility timeout %ss, prefetch 1, own unacked index",
             settings.training_visibility_timeout,

@@ -35,8 +35,7 @@ from worker.batching import (
     ScoreRequest,
     group_by_run,
 )
-from worker.celery import TRAINING_QUEUE, app, pool_processes
-from worker.celery import _role as celery_role  # the worker's role, set before the fork
+from worker.celery import app, is_training_worker, pool_processes
 from worker.events import TaskEvents
 from worker.ids import describe
 from worker.results import connect, record_deaths
@@ -205,7 +204,7 @@ def preload_model(**_: Any) -> None:
     Keras is the fallback path anyway. A failed preload is logged and left: the first
     batch loads the model again and records why it cannot.
     """
-    if TRAINING_QUEUE in celery_role or not twin_recorded(settings.model):
+    if is_training_worker() or not twin_recorded(settings.model):
         return
     threading.Thread(target=_preload, name="genderscore-preload", daemon=True).start()
 
