@@ -256,15 +256,7 @@ def score(
         )
     settings = _settings()
     model_path = model or settings.model
-    found = gather(
-        source,
-        manifest,
-        settings.picture_extensions,
-        settings.url_schemes,
-        settings.file_url_root,
-        settings.fetch_blocked_networks,
-        allow_empty,
-    )
+    found = gather(source, manifest, allow_empty)
     _report_skipped(found.skipped)
     _report_refused(found.refused)
     if not found.pictures and not allow_empty:
@@ -552,15 +544,8 @@ def reconcile(
             )
     given = None
     if given_sources:
-        settings = _settings()
-        given = gather(
-            str(images) if images is not None else source_arg,
-            manifest,
-            settings.picture_extensions,
-            settings.url_schemes,
-            settings.file_url_root,
-            settings.fetch_blocked_networks,
-        )
+        _settings()
+        given = gather(str(images) if images is not None else source_arg, manifest)
         _report_refused(given.refused)
     count = reconcile_run(app, client, run_id, given, model)
     _say(f"run {run_id}: {count} userids re-enqueued")

@@ -229,14 +229,7 @@ def list_nightly(source: Path | str) -> RunPictures:
     """The nightly source's pictures; SourceRefused when it cannot be listed (a missing
     bucket or prefix, a 403, a folder that is not there)."""
     try:
-        return gather(
-            str(source),
-            None,
-            settings.picture_extensions,
-            settings.url_schemes,
-            settings.file_url_root,
-            settings.fetch_blocked_networks,
-        )
+        return gather(str(source), None)
     except SourceError as exc:
         raise SourceRefused(f"the nightly source cannot be listed: {exc}") from None
 

@@ -167,20 +167,17 @@ class RunPictures:
         return {p.userid: p.version for p in self.pictures if p.version}
 
 
-def gather(
-    source: str | None,
-    manifest: Path | None,
-    extensions: Sequence[str],
-    schemes: Sequence[str],
-    file_root: Path | None,
-    blocked: Sequence[str],
-    allow_empty: bool = False,
-) -> RunPictures:
+def gather(source: str | None, manifest: Path | None, allow_empty: bool = False) -> RunPictures:
     """The pictures of a SOURCE argument (a folder, ``file://`` URL or URL prefix) or of
-    a manifest file: ``SourceError`` or ``producer.manifest.ManifestError`` when it
-    cannot be read at all (a missing folder, bucket or prefix, a 403, a bad manifest).
-    ``allow_empty``: a prefix with nothing under it is an empty source, not an error
-    (a missing bucket still is)."""
+    a manifest file, under the settings' picture extensions and URL policy:
+    ``SourceError`` or ``producer.manifest.ManifestError`` when it cannot be read at all
+    (a missing folder, bucket or prefix, a 403, a bad manifest). ``allow_empty``: a
+    prefix with nothing under it is an empty source, not an error (a missing bucket
+    still is)."""
+    from worker.settings import settings
+
+    extensions, schemes = settings.picture_extensions, settings.url_schemes
+    file_root, blocked = settings.file_url_root, settings.fetch_blocked_networks
     if manifest is not None:
         read = read_manifest(manifest, schemes, file_root, blocked)
         return RunPictures(read.source, read.pictures, refused=read.refused)
