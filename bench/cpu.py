@@ -21,6 +21,14 @@ from bench.procs import children
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), printed with every figure."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of one process (0 when it is gone)."""
     try:

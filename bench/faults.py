@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,19 +37,11 @@ from typing import Any
 os.environ.setdefault("GENDERSCORE_REDIS_URL", "redis://127.0.0.1:6379/0")
 os.environ.setdefault("GENDERSCORE_KEY_PREFIX", f"gssoak{os.getpid()}")
 
+from bench.cpu import cpu_model  # noqa: E402
 from tests.faults.conftest import BrokerWorld  # noqa: E402
 from tests.helpers import make_model_file, make_pictures  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    """The CPU model line of lscpu."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next(
-        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model")),
-        "unknown",
-    )
 
 
 def _wait(condition: Any, timeout: float, poll: float = 0.1) -> float:

@@ -45,7 +45,7 @@ from pathlib import Path
 from secrets import token_hex
 from typing import TYPE_CHECKING, Any
 
-from bench.cpu import CpuMeter, StartWhenRunExists, redis_server_pid
+from bench.cpu import CpuMeter, StartWhenRunExists, cpu_model, redis_server_pid
 from bench.modelfile import make_in_subprocess
 from bench.pictures import PictureSet, generate, subset, userids
 from bench.procs import ROOT, bench_env, celery_worker, genderscore
@@ -382,11 +382,6 @@ def measure_ray(bench: Bench, count: int) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """Facts about this machine and the software measured."""
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     mem_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
                     .splitlines() if line.startswith("MemTotal")), 0)
     versions = {}
@@ -397,7 +392,8 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[package] = "-"
     return {
-        "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem_kib / 2**20, 1),
+        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem_kib / 2**20, 1),
         "python": platform.python_version(), "platform": platform.platform(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "versions": versions,
         "fast_cpu": fast_cpu(),

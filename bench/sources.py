@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.cpu import cpu_model, process_cpu_seconds
 from bench.pictures import generate
 from tests.servers import S3Store, free_ports, s3_store, wait_port
 
@@ -51,13 +52,6 @@ EXTS = (".jpg", ".jpeg", ".png", ".webp")
 BUCKET = "benchpics"
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("GENDERSCORE_BENCH_DIR", Path.home() / ".cache/genderscore-bench"))
-
-
-def cpu_model() -> str:
-    """The CPU model line of lscpu."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("Model name")), "unknown")
 
 
 def _use_store(store: S3Store) -> None:
@@ -293,16 +287,10 @@ def serving_cpu() -> float:
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
             if b"weed" in command or b"bench.delayproxy" in command:
-                total += _process_cpu(pid)
+                total += process_cpu_seconds(pid)
         except OSError:
             continue  # gone meanwhile
     return total
-
-
-def _process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _fetch_and_prepare(
@@ -314,7 +302,7 @@ def _fetch_and_prepare(
 
     fetcher = Fetcher(policy)
     assert store.proc is not None
-    store_cpu, own_cpu = _process_cpu(store.proc.pid), time.process_time()
+    store_cpu, own_cpu = process_cpu_seconds(store.proc.pid), time.process_time()
     started = time.perf_counter()
     done = 0
     for _, data in fetcher.fetch_all(source, refs):  # type: ignore[arg-type]
@@ -327,7 +315,7 @@ def _fetch_and_prepare(
         done += 1
     elapsed = time.perf_counter() - started
     own = (time.process_time() - own_cpu) * 1000 / done
-    served = (_process_cpu(store.proc.pid) - store_cpu) * 1000 / done
+    served = (process_cpu_seconds(store.proc.pid) - store_cpu) * 1000 / done
     fetcher.close()
     assert done == len(refs)
     return len(refs) / elapsed, own, served
