@@ -4,20 +4,27 @@ While it waits it asks the workers, every ``CONSUMERS_EVERY`` seconds, which of 
 consume the score queue, and says so when none does (a run with no worker never
 ends, and silence is the worst answer); it keeps waiting. A run cancelled meanwhile
 ends the wait (``RunCancelled``).
+
+Between two looks at the run it listens on the run's Pub/Sub channel, where the worker
+that records the last outcome announces the finish: the wait ends within a round trip
+of the finish, not up to a polling interval later (with every core idle meanwhile).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import TextIO
 
 import redis
 from celery import Celery
 
 from worker.celery import SCORE_QUEUE
+from worker.keys import run_finished_channel
 from worker.logs import json_logging
 from worker.results import RunCounts, run_counts
 from worker.runs import repair_stalled
@@ -48,6 +55,59 @@ def no_consumer_notice(consumers: Callable[[], list[str]]) -> str | None:
         log.debug("cannot ask the workers: %s", exc)
         return None
     return None if found else NO_CONSUMER
+
+
+class FinishSignal:
+    """Sleeps until a run's finish is announced or the time is up (a context manager).
+
+    Subscribed before the first look at the run, so an announcement cannot fall between
+    a look and the sleep. Without Pub/Sub (Redis unreachable, or an ACL without the
+    channel), it sleeps the whole interval: the polling still sees the finish.
+    """
+
+    def __init__(self, client: redis.Redis, run_id: str) -> None:
+        self.channel = run_finished_channel(run_id)
+        self.pubsub: redis.client.PubSub | None = client.pubsub(  # type: ignore[no-untyped-call]
+            ignore_subscribe_messages=True
+        )
+
+    def __enter__(self) -> FinishSignal:
+        try:
+            assert self.pubsub is not None
+            self.pubsub.subscribe(self.channel)
+        except redis.RedisError as exc:
+            log.debug("no finish announcements (%s): polling only", exc)
+            self.close()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave the channel and free the connection."""
+        if self.pubsub is not None:
+            pubsub, self.pubsub = self.pubsub, None
+            with contextlib.suppress(redis.RedisError):
+                pubsub.close()
+
+    def wait(self, seconds: float) -> None:
+        """Return after ``seconds``, or sooner when the finish is announced."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.pubsub is None:
+                time.sleep(left)
+                return
+            try:
+                if self.pubsub.get_message(timeout=left) is not None:
+                    return
+            except redis.RedisError as exc:
+                log.debug("finish announcements lost (%s): polling only", exc)
+                self.close()
 
 
 def format_progress(counts: RunCounts, rate: float) -> str:
@@ -94,62 +154,63 @@ def wait_for_run(
             out.write(("\n" if live else "") + text + "\n")
             out.flush()
 
-    next_ask, told = time.monotonic(), False
-    start = time.monotonic()
-    first = run_counts(client, run_id)
-    base = first.done + first.errors
-    last_print = 0.0
-    counts = first
-    last_settled, last_change = base, time.monotonic()
-    while True:
-        try:
-            counts = run_counts(client, run_id)
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-            # Redis restarting: keep following; the run's state is in Redis, not here.
-            say(f"Redis unavailable ({exc}); still waiting")
-            time.sleep(2)
-            if timeout is not None and time.monotonic() - start > timeout:
-                raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s") from None
-            continue
-        elapsed = time.monotonic() - start
-        rate = (counts.done + counts.errors - base) / elapsed if elapsed > 0 else 0.0
-        line = format_progress(counts, rate)
-        if live:
-            out.write("\r" + line + "\x1b[K")
-            out.flush()
-        elif elapsed - last_print >= 10 or counts.finished:
-            if json_logging():
-                log.info("run %s: %s", run_id, line)
-            else:
-                out.write(line + "\n")
-            last_print = elapsed
-        if counts.meta.get("cancelled"):
+    with FinishSignal(client, run_id) as finish:
+        next_ask, told = time.monotonic(), False
+        start = time.monotonic()
+        first = run_counts(client, run_id)
+        base = first.done + first.errors
+        last_print = 0.0
+        counts = first
+        last_settled, last_change = base, time.monotonic()
+        while True:
+            try:
+                counts = run_counts(client, run_id)
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                # Redis restarting: keep following; the run's state is in Redis, not here.
+                say(f"Redis unavailable ({exc}); still waiting")
+                time.sleep(2)
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s") from None
+                continue
+            elapsed = time.monotonic() - start
+            rate = (counts.done + counts.errors - base) / elapsed if elapsed > 0 else 0.0
+            line = format_progress(counts, rate)
             if live:
-                out.write("\n")
-            raise RunCancelled(f"run {run_id} was cancelled: {line}")
-        if consumers is not None and not counts.finished and time.monotonic() >= next_ask:
-            next_ask = time.monotonic() + CONSUMERS_EVERY
-            notice = no_consumer_notice(consumers)
-            if notice and not told:
-                say(notice)
-            told = notice is not None
-        settled = counts.done + counts.errors
-        if settled != last_settled:
-            last_settled, last_change = settled, time.monotonic()
-        elif repair and stall_after and time.monotonic() - last_change > stall_after:
-            requeued = repair()
-            if requeued:
-                say(f"no progress for {stall_after:.0f}s: {requeued} userids re-enqueued")
-            last_change = time.monotonic()
-        if counts.finished:
-            if live:
-                out.write("\n")
-            return counts
-        if timeout is not None and elapsed > timeout:
-            if live:
-                out.write("\n")
-            raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s: {line}")
-        time.sleep(interval)
+                out.write("\r" + line + "\x1b[K")
+                out.flush()
+            elif elapsed - last_print >= 10 or counts.finished:
+                if json_logging():
+                    log.info("run %s: %s", run_id, line)
+                else:
+                    out.write(line + "\n")
+                last_print = elapsed
+            if counts.meta.get("cancelled"):
+                if live:
+                    out.write("\n")
+                raise RunCancelled(f"run {run_id} was cancelled: {line}")
+            if consumers is not None and not counts.finished and time.monotonic() >= next_ask:
+                next_ask = time.monotonic() + CONSUMERS_EVERY
+                notice = no_consumer_notice(consumers)
+                if notice and not told:
+                    say(notice)
+                told = notice is not None
+            settled = counts.done + counts.errors
+            if settled != last_settled:
+                last_settled, last_change = settled, time.monotonic()
+            elif repair and stall_after and time.monotonic() - last_change > stall_after:
+                requeued = repair()
+                if requeued:
+                    say(f"no progress for {stall_after:.0f}s: {requeued} userids re-enqueued")
+                last_change = time.monotonic()
+            if counts.finished:
+                if live:
+                    out.write("\n")
+                return counts
+            if timeout is not None and elapsed > timeout:
+                if live:
+                    out.write("\n")
+                raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s: {line}")
+            finish.wait(interval)
 
 
 def follow_run(

@@ -8,14 +8,16 @@ celery-batches sends no task events of its own, so the worker sends them.
   ``genderscore.score`` with arguments ``run=<run> userids=<a>,<b>,...`` (every userid of
   the batch), counts and rates batches, and its result says how far the run is
   (``run <run>: 1234/5000 settled``). A batch handed back to the queue is ``RETRY``.
-  Three events per batch instead of three per picture: the worker's main process spends
-  its time on the messages, not on reporting them.
+  Three events per batch instead of three per picture, and the first two leave in one
+  ``PUBLISH``: the worker's main process spends its time on the messages, not on
+  reporting them.
 - ``message``: one task per picture, under the message's own id, with arguments
   ``run=<run> userid=<userid>``, as Celery would show a plain task.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -52,6 +54,7 @@ class TaskEvents:
         self.requests = list(requests)
         self.per_message = settings.task_events == "message"
         self.batch_id = str(uuid4())
+        self.received_at: float | None = None
         first = self.requests[0] if self.requests else None
         eventer = first.eventer if first is not None else None
         self.eventer = eventer if eventer is not None and eventer.enabled else None
@@ -61,7 +64,18 @@ class TaskEvents:
             self.eventer.send(type_, uuid=self.batch_id, **fields)
 
     def received(self) -> None:
-        """The batch (or each picture) was received, with its arguments."""
+        """The batch was handed to the pool: noted now, sent with ``started``.
+
+        Sent together, the two events leave the worker in one ``PUBLISH`` (Celery sends
+        a loop iteration's task events as one message) instead of two; the received
+        event keeps the time it was noted.
+        """
+        self.received_at = time.time()
+
+    def _send_received(self) -> None:
+        if self.received_at is None:
+            return
+        at, self.received_at = self.received_at, None
         if self.per_message:
             for req in self.requests:
                 req.send_event(
@@ -74,6 +88,7 @@ class TaskEvents:
                     retries=0,
                     eta=None,
                     expires=None,
+                    timestamp=at,
                 )
             return
         self._send(
@@ -86,15 +101,21 @@ class TaskEvents:
             retries=0,
             eta=None,
             expires=None,
+            timestamp=at,
         )
 
     def started(self) -> None:
         """A pool process took the batch."""
+        self._send_received()
         if self.per_message:
             for req in self.requests:
                 req.send_event("task-started")
         else:
             self._send("task-started")
+
+    def lost(self) -> None:
+        """The batch's pool process died: every message goes back to the queue."""
+        self.finished([], self.requests, 0.0, {})
 
     def finished(
         self,
@@ -104,6 +125,7 @@ class TaskEvents:
         progress: Mapping[str, Sequence[int]],
     ) -> None:
         """The batch came back: what was recorded, what goes back to the queue."""
+        self._send_received()
         if self.per_message:
             for req in acked:
                 req.send_event("task-succeeded", result=None, runtime=runtime)

@@ -14,6 +14,7 @@ the project's data, Celery's queues and its results alike.
                                  -> worker-process deaths it is blamed for;
                                  "<userid>:solo" -> pid scoring it alone right now
     <p>:runs               zset  run id scored by start time
+    channel <p>:run:<run>:meta   "finished" is published on it when the run finishes
     <p>:scored:<model_sha> hash  userid -> picture content hash (nightly --only-new)
     <p>:train:<task_id>    hash  training progress (epoch, metrics) for `status`
     <p>:lock:nightly       str   nightly run lock, with expiry
@@ -63,6 +64,11 @@ def run_keys(run_id: str) -> RunKeys:
         err=base + "err",
         tries=base + "tries",
     )
+
+
+def run_finished_channel(run_id: str) -> str:
+    """The Pub/Sub channel a run's finish is announced on (the name of its meta key)."""
+    return run_keys(run_id).meta
 
 
 def runs_index() -> str:

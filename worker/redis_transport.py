@@ -12,11 +12,24 @@ acknowledgement, requeue and restore work unchanged.
 The script also narrows celery/celery#7950: a message it takes is never popped without
 being recorded (only the first, ``BRPOP``'d one is, as in kombu). Selected by
 ``worker.celery`` for a Redis broker.
+
+Two more costs of kombu's channel are cut here, both measured in the worker's main
+process (``docs/performance.md``):
+
+- kombu builds a new redis-py client for every command outside ``BRPOP`` (an ack, an
+  event's ``PUBLISH``, the unacked record of a ``BRPOP``'d message): about 60 us each,
+  most of it copying redis-py's table of reply callbacks. This channel keeps one client
+  per connection pool (redis-py clients are thread-safe; pipelines are per call).
+- When a take finds the queue empty, the channel says so (``on_drained``): the scoring
+  task then sends its partial batch to the pool at once, instead of after its flush
+  interval while the pool processes sit idle (the tail of every run).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -51,9 +64,26 @@ class Channel(kombu_redis.Channel):
     take_max = 0  # set from the settings by Transport
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._clients: dict[int, tuple[Any, Any]] = {}  # id(pool) -> (pool, client)
         super().__init__(*args, **kwargs)
         self._consumers_of: dict[str, Any] = {}  # queue -> the consumer's own callback
         self._take_script: Any = None
+        # Called (in the event loop) when a take left the queue empty.
+        self.on_drained: list[Callable[[], None]] = []
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """``client``, else this channel's one synchronous client (kombu: a new one per
+        call). Made again when kombu replaces the pool (after a fork or a failed ping)."""
+        if client:
+            yield client
+            return
+        pool = self.pool
+        cached = self._clients.get(id(pool))
+        if cached is None or cached[0] is not pool:
+            cached = (pool, self._create_client())  # type: ignore[attr-defined]
+            self._clients = {id(pool): cached}
+        yield cached[1]
 
     def basic_consume(
         self, queue: str, no_ack: bool, callback: Any, consumer_tag: str | None, **kwargs: Any
@@ -77,30 +107,38 @@ class Channel(kombu_redis.Channel):
         return delivered
 
     def _take_more(self) -> None:
-        """Take what the queues hold, up to prefetch and a batch, in one round trip each."""
+        """Take what the queues hold, up to prefetch and a batch, in one round trip each;
+        call ``on_drained`` when a queue had less than was asked for."""
+        drained = False
         for queue, callback in list(self._consumers_of.items()):
             room = self.qos.can_consume_max_estimate()
             count = min(self.take_max, room if room is not None else self.take_max)
             if count <= 0:
-                return
-            for raw in self._take(queue, count):
+                return  # prefetch is full: the queue may hold more
+            taken = self._take(queue, count)
+            for raw in taken:
                 payload = loads(raw)
                 message = self.Message(payload, channel=self)
                 VirtualQoS.append(self.qos, message, str(message.delivery_tag))
                 callback(message)
+            drained |= len(taken) < count
+        if drained:
+            for hook in list(self.on_drained):
+                hook()
 
     def _take(self, queue: str, count: int) -> list[Any]:
         prefix = self.global_keyprefix or ""
-        with self.conn_or_acquire() as client:
-            plain = redis.Redis(connection_pool=client.connection_pool)
-            if self._take_script is None:
-                self._take_script = plain.register_script(_TAKE)
-            keys = [
-                prefix + self._q_for_pri(queue, 0),  # type: ignore[attr-defined]
-                prefix + self.unacked_key,
-                prefix + self.unacked_index_key,
-            ]
-            return list(self._take_script(keys=keys, args=[count, time.time()], client=plain))
+        pool = self.pool
+        script = self._take_script
+        if script is None or script.registered_client.connection_pool is not pool:
+            # A plain client (keys prefixed here, not by kombu's client), made once per pool.
+            self._take_script = redis.Redis(connection_pool=pool).register_script(_TAKE)
+        keys = [
+            prefix + self._q_for_pri(queue, 0),  # type: ignore[attr-defined]
+            prefix + self.unacked_key,
+            prefix + self.unacked_index_key,
+        ]
+        return list(self._take_script(keys=keys, args=[count, time.time()]))
 
 
 class Transport(kombu_redis.Transport):

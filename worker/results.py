@@ -63,7 +63,10 @@ if redis.call('EXISTS', meta) == 1 then
   touch(ttl)
   local open_run = redis.call('HEXISTS', meta, 'finished_at') == 0
   if open_run and redis.call('HGET', meta, 'sealed') == '1' then
-    if settled >= total then redis.call('HSET', meta, 'finished_at', now) end
+    if settled >= total then
+      redis.call('HSET', meta, 'finished_at', now)
+      redis.call('PUBLISH', meta, 'finished')  -- keys.run_finished_channel: wakes --wait
+    end
   end
 end
 return {settled, total}

@@ -74,7 +74,13 @@ class ScoreBatches(Batches):  # type: ignore[misc]
         batch would wait forever in the buffer.
         """
         self._tref = None
-        return super().Strategy(task, app, consumer)
+        handler = super().Strategy(task, app, consumer)
+        # Redis broker: a partial batch goes to the pool as soon as the queue is empty
+        # (worker.redis_transport), not after the flush interval.
+        drained = getattr(getattr(consumer.connection, "default_channel", None), "on_drained", None)
+        if isinstance(drained, list):
+            drained.append(self._do_flush)
+        return handler
 
     def flush(self, requests: Collection[Request]) -> Any:
         """Send the batch to a pool process; ack or requeue each message on its reply.
@@ -110,6 +116,7 @@ class ScoreBatches(Batches):  # type: ignore[misc]
             self._count_death(by_id.values(), accepted_by[0] if accepted_by else None)
             for req in by_id.values():
                 req.reject(requeue=True)
+            events.lost()
 
         def on_accepted(pid: int, time_accepted: float) -> None:
             accepted_by.append(pid)
