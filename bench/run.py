@@ -503,6 +503,7 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
     if "s3" in results:
         results["ratios"]["d_over_b"] = round(results["s3"]["images_per_s"]
                                               / results["pipeline"]["images_per_s"], 3)
+    results["marginal_cpu"] = marginal_cpu(scaling)
     results["targets"] = targets(results)
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
@@ -676,7 +677,26 @@ def cpu_table(results: dict[str, Any]) -> list[str]:
                      f"{results['s3']['store_and_proxy_cpu_ms_per_picture']:.3f} ms per picture")
     lines.append(f"(b) producer start-up (imports), not per picture: "
                  f"{pipe['cpu']['producer_startup_ms']:.0f} ms of CPU, once per command")
+    marginal = marginal_cpu(results["scaling"])
+    if marginal:
+        lines.append(f"(b) marginal CPU ms per picture, {marginal['from']:,} -> {marginal['to']:,} "
+                     "pictures: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                              marginal["ms_per_picture"].items()))
     return lines
+
+
+def marginal_cpu(scaling: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """CPU per extra picture between the smallest and the largest (b) run: what each
+    component costs per picture once the costs per run (a command's imports, the
+    collector's, the first and last batches) are set aside."""
+    runs = sorted((r for r in scaling if "cpu" in r), key=lambda r: r["pictures"])
+    if len(runs) < 2 or runs[-1]["pictures"] <= runs[0]["pictures"]:
+        return None
+    small, large = runs[0], runs[-1]
+    extra = large["pictures"] - small["pictures"]
+    before, after = small["cpu"]["cpu_seconds"], large["cpu"]["cpu_seconds"]
+    return {"from": small["pictures"], "to": large["pictures"], "ms_per_picture": {
+        k: round(1000 * (after[k] - before[k]) / extra, 3) for k in after}}
 
 
 def _warmup(result: dict[str, Any]) -> str:

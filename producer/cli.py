@@ -13,9 +13,11 @@ group translates the exceptions of the layers below (``_FAILURES``).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -346,11 +348,17 @@ def _score_local(found: RunPictures, model_path: Path, out: Path | None) -> None
 def _wait_and_collect(
     client: redis.Redis, run_id: str, out: Path | None, timeout: float | None
 ) -> None:
-    from producer.collect import collect
     from producer.follow import follow_run
     from worker.celery import app
 
+    # The collector's imports (pandas, Arrow: about half a second of CPU) while the
+    # workers score, rather than after the run, when every core would wait for them.
+    threading.Thread(
+        target=importlib.import_module, args=("producer.collect",), daemon=True
+    ).start()
     follow_run(app, client, run_id, timeout=timeout)
+    from producer.collect import collect
+
     target = out or Path("out") / f"{run_id}.csv"
     written = collect(client, run_id, target)
     _say(f"scored {written.scored}, errors {written.errors}: {written.csv_path}")

@@ -206,7 +206,7 @@ def deployment(
         pictures, nightly, out = base / "pictures", base / "nightly-pictures", base / "out"
         labels = make_pictures(pictures, PICTURES, size=(48, 48))
         write_profiles(base / "profile.csv", labels)
-        make_pictures(nightly, NIGHTLY_PICTURES, size=(48, 48))
+        make_pictures(nightly, NIGHTLY_PICTURES, start=PICTURES, size=(48, 48))  # new profiles
         for name, value in {
             "GENDERSCORE_KEY_PREFIX": prefix,
             "GENDERSCORE_MODEL": str(models / "gender.h5"),
