@@ -121,9 +121,13 @@ class Settings(BaseSettings):
     # score at the same speed per picture, but a pool process peaks at 774 MB with 16
     # against 1,046 MB with 64 (TensorFlow alone takes 642 MB).
     batch_size: int = Field(16, ge=1, le=4096, description="Pictures per forward pass.")
-    # The tail of a run waits at most this long for a partial batch.
+    # The tail of a run waits at most this long for a partial batch; with a Redis broker
+    # a partial batch is scored as soon as the queue is empty (worker.redis_transport).
     flush_interval: float = Field(
-        0.5, gt=0, description="Seconds a partial batch waits before it is scored."
+        0.5,
+        gt=0,
+        description="Seconds a partial batch waits before it is scored (Redis broker: "
+        "no wait once the queue is empty).",
     )
     # celery-batches needs prefetch x concurrency > batch_size, or a batch never fills:
     # 3 batches per process keeps one scoring, one filling and one queued.
