@@ -13,8 +13,8 @@ The script also narrows celery/celery#7950: a message it takes is never popped w
 being recorded (only the first, ``BRPOP``'d one is, as in kombu). Selected by
 ``worker.celery`` for a Redis broker.
 
-Two more costs of kombu's channel are cut here, both measured in the worker's main
-process (``docs/performance.md``):
+Three more costs of kombu's channel are cut here, measured in the worker's main
+process and its pool processes (``docs/performance.md``):
 
 - kombu builds a new redis-py client for every command outside ``BRPOP`` (an ack, an
   event's ``PUBLISH``, the unacked record of a ``BRPOP``'d message): about 60 us each,
@@ -70,7 +70,7 @@ class Channel(kombu_redis.Channel):
     take_max = 0  # set from the settings by Transport
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._clients: dict[int, tuple[Any, Any]] = {}  # id(pool) -> (pool, client)
+        self._sync_client: Any = None  # conn_or_acquire's client, of the current pool
         super().__init__(*args, **kwargs)
         self._consumers_of: dict[str, Any] = {}  # queue -> the consumer's own callback
         self._take_script: Any = None
@@ -85,12 +85,9 @@ class Channel(kombu_redis.Channel):
         if client:
             yield client
             return
-        pool = self.pool
-        cached = self._clients.get(id(pool))
-        if cached is None or cached[0] is not pool:
-            cached = (pool, self._create_client())  # type: ignore[attr-defined]
-            self._clients = {id(pool): cached}
-        yield cached[1]
+        if self._sync_client is None or self._sync_client.connection_pool is not self.pool:
+            self._sync_client = self._create_client()  # type: ignore[attr-defined]
+        yield self._sync_client
 
     def basic_consume(
         self, queue: str, no_ack: bool, callback: Any, consumer_tag: str | None, **kwargs: Any
