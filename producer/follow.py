@@ -17,7 +17,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import TextIO
 
 import redis
@@ -58,35 +57,22 @@ def no_consumer_notice(consumers: Callable[[], list[str]]) -> str | None:
 
 
 class FinishSignal:
-    """Sleeps until a run's finish is announced or the time is up (a context manager).
+    """Sleeps until a run's finish is announced or the time is up; ``close()`` it.
 
-    Subscribed before the first look at the run, so an announcement cannot fall between
-    a look and the sleep. Without Pub/Sub (Redis unreachable, or an ACL without the
-    channel), it sleeps the whole interval: the polling still sees the finish.
+    Subscribed when made, before the first look at the run, so an announcement cannot
+    fall between a look and the sleep. Without Pub/Sub (Redis unreachable, or an ACL
+    without the channel), it sleeps the whole interval: the polling still sees the finish.
     """
 
     def __init__(self, client: redis.Redis, run_id: str) -> None:
-        self.channel = run_finished_channel(run_id)
         self.pubsub: redis.client.PubSub | None = client.pubsub(  # type: ignore[no-untyped-call]
             ignore_subscribe_messages=True
         )
-
-    def __enter__(self) -> FinishSignal:
         try:
-            assert self.pubsub is not None
-            self.pubsub.subscribe(self.channel)
+            self.pubsub.subscribe(run_finished_channel(run_id))
         except redis.RedisError as exc:
             log.debug("no finish announcements (%s): polling only", exc)
             self.close()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Leave the channel and free the connection."""
@@ -154,7 +140,7 @@ def wait_for_run(
             out.write(("\n" if live else "") + text + "\n")
             out.flush()
 
-    with FinishSignal(client, run_id) as finish:
+    with contextlib.closing(FinishSignal(client, run_id)) as finish:
         next_ask, told = time.monotonic(), False
         start = time.monotonic()
         first = run_counts(client, run_id)
