@@ -120,7 +120,7 @@ def _wait_ready(worker: WorkerProcess, timeout: float) -> None:
             )
         if " ready." in worker.log_text():
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise RuntimeError(f"worker {worker.name} not ready after {timeout:.0f}s:\n"
                        f"{worker.log_text()[-3000:]}")
 

@@ -132,6 +132,9 @@ def celery_config(s: Settings) -> dict[str, Any]:
         # Tasks running when the broker connection drops cannot be acked on it: cancel
         # them; their messages come back (Celery 6's default).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Prefork, finishing at a warm shutdown the batches a pool process already holds
+        # (worker.pool); `-P prefork`, Celery's default, selects it too.
+        "worker_pool": "worker.pool:FinishingTaskPool",
         "task_default_queue": SCORE_QUEUE,
         "task_routes": {
             "genderscore.score": {"queue": SCORE_QUEUE},

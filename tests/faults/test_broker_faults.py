@@ -8,6 +8,7 @@ counted; RabbitMQ must need none.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -133,6 +134,54 @@ def test_warm_shutdown_mid_run_then_restart(broker_world: BrokerWorld, tmp_path:
     skipped = sum(v for k, v in tries.items() if k.endswith(":skipped"))
     assert delivered - skipped == 800, "a picture was scored twice"
     _check_repairs(world, run_id)
+
+
+def _queued(world: BrokerWorld) -> dict[str, int]:
+    """The broker's queue lengths, as ``genderscore status --json`` reports them."""
+    queues: dict[str, int] = json.loads(world.cli("status", "--json").stdout)["queues"]
+    return queues
+
+
+def test_warm_shutdown_finishes_a_batch_handed_over_but_not_yet_taken(
+    broker_world: BrokerWorld, tmp_path: Path
+) -> None:
+    """SIGTERM while a batch is in its pool process's pipe, not yet taken: the process
+    runs it anyway, so the warm shutdown waits for its outcome and acknowledges it.
+
+    Celery's pool forgot such a batch at shutdown: its messages came back although its
+    outcomes were recorded, and the pool process waited 30 s at exit for the main
+    process to read the result it sent (worker.pool).
+    """
+    world = broker_world
+    count = settings.batch_size  # one batch
+    warm, folder = tmp_path / "warm", tmp_path / "pictures"
+    make_pictures(warm, 4, size=(48, 48))
+    make_pictures(folder, count, size=(48, 48))
+    run_id = "handed-over"
+    with world.worker("first", concurrency=1) as worker:
+        world.cli("score", str(warm), "--run-id", "warm-up")  # the model is loaded
+        world.wait_settled("warm-up", 4, timeout=90)
+        time.sleep(1)  # the last warm-up batch's reply reaches the main process
+        (process,) = _children(worker.pid)
+        os.kill(process, signal.SIGSTOP)  # it cannot take the next batch
+        try:
+            world.cli("score", str(folder), "--run-id", run_id)
+            wait_until(lambda: _queued(world)["score"] == 0, 30, "the batch delivered")
+            time.sleep(1)  # flushed to the pool (0.2 s) and written to the pipe
+            os.kill(worker.pid, signal.SIGTERM)
+            started = time.monotonic()
+            time.sleep(1)  # the main process flushes its pool
+        finally:
+            os.kill(process, signal.SIGCONT)
+        returncode = worker.wait(60)
+        took = time.monotonic() - started
+    assert returncode == 0
+    assert took < 15, f"the warm shutdown took {took:.1f}s"
+    pred, err = world.settled(run_id)
+    assert len(pred) == count and not err
+    queues = _queued(world)
+    assert queues["score"] == 0, "the batch's messages came back: they were not acknowledged"
+    assert queues.get("unacked (score)", 0) == 0
 
 
 @pytest.mark.parametrize("down_for", [0, 30], ids=["restart", "outage-30s"])
