@@ -200,7 +200,7 @@ def agreement(reference: Path, other: Path, threshold: float = 0.5) -> dict[str,
 def measure_cold_start(bench: Bench, label: str, env: dict[str, str] | None = None
                        ) -> dict[str, Any]:
     """(cold) A run waits in the queue; a scoring worker starts: seconds from the worker
-    command's start to its first batch recorded (the earliest ``scored_at`` of the run)."""
+    command's start to its first batch recorded (the run polled every 10 ms)."""
     from worker.keys import run_keys
 
     count = warmup_size(bench, 2)

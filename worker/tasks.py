@@ -21,7 +21,6 @@ import redis
 from billiard.einfo import ExceptionInfo
 from celery import signals
 from celery.utils.log import get_task_logger
-from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
@@ -38,6 +37,7 @@ from worker.batching import (
 from worker.celery import app, is_training_worker, pool_processes
 from worker.events import TaskEvents
 from worker.ids import describe
+from worker.pool import shutting_down
 from worker.results import connect, record_deaths
 from worker.runtime import twin_recorded
 from worker.settings import settings
@@ -89,7 +89,7 @@ class ScoreBatches(Batches):  # type: ignore[misc]
         instead: the pool takes no new work then, and the batch would wait there until
         its time limit.
         """
-        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+        if shutting_down():
             pool_log.info("shutting down: %d buffered messages go back to the queue", len(requests))
             for req in requests:
                 req.reject(requeue=True)
