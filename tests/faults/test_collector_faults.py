@@ -57,6 +57,9 @@ def test_collect_twice_is_byte_identical(world: FaultEnv, tmp_path: Path) -> Non
 
 def test_collect_killed_mid_write_keeps_the_previous_csv(world: FaultEnv, tmp_path: Path) -> None:
     _fake_run(world, "big", 300_000)
+    complete = tmp_path / "complete.csv"
+    world.cli("collect", "big", "--out", str(complete))
+    new = complete.read_bytes()
     out = tmp_path / "out.csv"
     out.write_text("userid,gender,p_female,model,scored_at\nprevious,female,0.9,x,y\n")
     before = out.read_bytes()
@@ -68,6 +71,9 @@ def test_collect_killed_mid_write_keeps_the_previous_csv(world: FaultEnv, tmp_pa
             break  # finished before the kill: later delays would too
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+        now = out.read_bytes()
+        if now == new:
+            break  # the kill landed after the new CSV was in place: later ones would too
+        assert now == before, f"killed after {delay}s: the CSV is neither the old nor the new"
         killed += 1
-        assert out.read_bytes() == before, f"killed after {delay}s: the CSV changed"
     assert killed >= 1, "collect finished before any kill; raise the run size"

@@ -255,6 +255,20 @@ def deliveries(cluster: Cluster, run_id: str) -> Counter[int]:
     return Counter(cluster.world.deliveries(run_id).values())
 
 
+def wait_for_events(cluster: Cluster, run_id: str) -> dict[str, set[str]]:
+    """Userids per worker host, once every userid's batch was reported finished.
+
+    The run can finish (and ``--wait`` return) before the last batch's finished event,
+    sent after the batch's outcomes are recorded, reaches the monitor.
+    """
+    wait_until(
+        lambda: set().union(*cluster.scored_by(run_id).values()) >= cluster.userids,
+        30,
+        "a finished event for every batch of the run",
+    )
+    return cluster.scored_by(run_id)
+
+
 def test_one_run_from_s3_is_shared_by_workers_on_two_hosts(cluster: Cluster) -> None:
     run_id = "multihost-a"
     started = time.monotonic()
@@ -266,7 +280,7 @@ def test_one_run_from_s3_is_shared_by_workers_on_two_hosts(cluster: Cluster) -> 
     assert f"scored {PICTURES}, errors 0" in done.stderr, done.stderr[-3000:]
     check_complete(cluster, cluster.world.tmp / f"{run_id}.csv")
 
-    scored = cluster.scored_by(run_id)
+    scored = wait_for_events(cluster, run_id)
     counts = {name: len(scored.get(name, ())) for name in WORKERS}
     print(
         f"\n(a) {PICTURES} pictures from {PREFIX_URL} in {seconds:.1f} s "
@@ -318,7 +332,7 @@ def test_a_worker_host_cut_off_mid_run_loses_nothing(cluster: Cluster) -> None:
         with suppress(ProcessLookupError):
             os.killpg(cluster.procs["w2"].pid, signal.SIGKILL)
 
-    scored = cluster.scored_by(run_id)
+    scored = wait_for_events(cluster, run_id)
     counts = {name: len(scored.get(name, ())) for name in WORKERS}
     delivered = deliveries(cluster, run_id)
     repairs = cluster.world.repairs(run_id)
