@@ -126,6 +126,21 @@ def dated_csvs(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("*-nightly-*.csv") if not p.name.endswith(".errors.csv"))
 
 
+def night_written(out: Path, nights: int) -> bool:
+    """Whether ``nights`` dated CSVs exist and ``latest.csv`` is a copy of the newest.
+
+    The dated CSV is written first and ``latest.csv`` copied from it after, so a reader
+    can see the new dated CSV beside the previous night's ``latest.csv`` for a moment.
+    """
+    dated = dated_csvs(out)
+    latest = out / "latest.csv"
+    return (
+        len(dated) >= nights
+        and latest.exists()
+        and latest.read_bytes() == dated[nights - 1].read_bytes()
+    )
+
+
 def wait_for(condition: object, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
@@ -182,7 +197,7 @@ def test_nightly_runs_score_only_new_pictures_once(
             celery_beat(world.env, tmp_path / "beat2") as beat2,
         ):
             worker_log = world.logs[-1]
-            wait_for(lambda: len(dated_csvs(out)) >= 1, "the first nightly CSV", timeout=240)
+            wait_for(lambda: night_written(out, 1), "the first nightly CSV", timeout=240)
             (first_csv,) = dated_csvs(out)
             assert csv_userids(first_csv) == sorted(first)
             assert (out / "latest.csv").read_bytes() == first_csv.read_bytes()
@@ -193,10 +208,10 @@ def test_nightly_runs_score_only_new_pictures_once(
                 added = make_pictures(pictures, 3, start=BASE + 10)
                 changed = userid(BASE + 2)
                 (pictures / f"{changed}.jpg").write_bytes(jpeg_bytes(picture("male", seed=999)))
-            wait_for(lambda: len(dated_csvs(out)) == 2, "the second nightly CSV")
+            wait_for(lambda: night_written(out, 2), "the second nightly CSV")
             second_csv = dated_csvs(out)[1]
             assert csv_userids(second_csv) == sorted([*added, changed])
-            assert (out / "latest.csv").read_bytes() == second_csv.read_bytes()
+            assert len(dated_csvs(out)) == 2
 
             # With nothing new, later runs end quietly: a log line, no run, no CSV.
             def nothing_new() -> int:
