@@ -62,10 +62,14 @@ def configs(cores: int) -> list[Config]:
                env={"GENDERSCORE_BATCH_SIZE": "16"}),
         Config("batch32", "smaller forward passes", env={"GENDERSCORE_BATCH_SIZE": "32"}),
         Config("batch128", "larger forward passes", env={"GENDERSCORE_BATCH_SIZE": "128"}),
-        Config("prefetch2", "2 batches prefetched per process",
-               env={"GENDERSCORE_PREFETCH_BATCHES": "2"}),
+        Config("prefetch2", "2 batches prefetched per process, one in the pool",
+               env={"GENDERSCORE_PREFETCH_BATCHES": "2", "GENDERSCORE_POOL_BATCHES": "1"}),
         Config("prefetch6", "6 batches prefetched per process",
                env={"GENDERSCORE_PREFETCH_BATCHES": "6"}),
+        Config("pool1", "one batch per pool process at a time (Celery's -O fair)",
+               env={"GENDERSCORE_POOL_BATCHES": "1"}),
+        Config("pool2-prefetch4", "the next batch in hand and 4 batches prefetched per "
+               "process", env={"GENDERSCORE_PREFETCH_BATCHES": "4"}),
         Config("flush0.1", "partial batches flushed after 0.1 s",
                env={"GENDERSCORE_FLUSH_INTERVAL": "0.1"}),
         Config("flush2", "partial batches flushed after 2 s",
@@ -141,16 +145,21 @@ def tune(bench: Bench, chosen: list[Config], repeat: int, collect_n: int,
     rates = [r["images_per_s"] for r in locals_]
     local = locals_[rates.index(sorted(rates)[len(rates) // 2])] | {"images_per_s_runs": rates}
     log.info("(a) local: %s img/s", rates)
-    rows = []
-    for config in chosen:
-        runs = []
-        for attempt in range(repeat):
+    # Round by round, every configuration in each: a drift of the machine's speed
+    # spreads over all of them instead of favouring the first.
+    by_config: dict[str, list[dict[str, Any]]] = {config.name: [] for config in chosen}
+    for attempt in range(repeat):
+        for config in chosen:
             log.info("--- %s (%d/%d): %s", config.name, attempt + 1, repeat, config.why)
             try:
-                runs.append(measure_pipeline(bench, n, f"tune-{config.name}-{attempt}",
-                                             config.env, config.args, config.app))
+                by_config[config.name].append(
+                    measure_pipeline(bench, n, f"tune-{config.name}-{attempt}",
+                                     config.env, config.args, config.app))
             except RuntimeError as exc:
                 log.error("%s failed: %s", config.name, str(exc)[-500:])
+    rows = []
+    for config in chosen:
+        runs = by_config[config.name]
         row: dict[str, Any] = {"name": config.name, "why": config.why, "env": config.env,
                                "args": list(config.args)}
         if runs:

@@ -14,11 +14,20 @@ process. The join then reads their acknowledgements and results, and their messa
 acknowledged, as for any batch a process had already started. (Celery also flushes the
 pool when the broker connection is lost; the worker goes on then, reads those results
 later, and the batch's messages come back on the new connection, as before.)
+
+It also hands each pool process its next batch while the process still scores one
+(``GENDERSCORE_POOL_BATCHES``, 2 by default). Celery's fair scheduling writes a job only
+to a process that has returned its last, so each process waited for the main process to
+read its result and write the next batch: about 2 ms per batch, 2.5 % of the machine
+(docs/performance.md, issue 12). A batch waiting in a pipe is not yet accepted: if its
+process dies, Celery writes it to another (``AsynPool.on_partial_read``), and its time
+limit starts when a process takes it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 from celery.concurrency.asynpool import AsynPool
@@ -33,8 +42,58 @@ def shutting_down() -> bool:
     return worker_state.should_stop is not None or worker_state.should_terminate is not None
 
 
+class JobsInHand:
+    """How many jobs each pool process holds, by its inqueue fd; full at ``depth``.
+
+    Stands in for ``AsynPool._busy_workers``, a set of the fds of busy processes, which
+    the fair strategy reads with ``in`` and ``len`` and fills with ``add``. Its
+    ``discard`` means the process's queues are gone, so it forgets the fd; a returned
+    job is :meth:`done`.
+    """
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self._jobs: Counter[int] = Counter()
+
+    def add(self, fd: int) -> None:
+        """A job was written to the process."""
+        self._jobs[fd] += 1
+
+    def done(self, fd: int) -> None:
+        """The process returned a job."""
+        if self._jobs[fd] > 1:
+            self._jobs[fd] -= 1
+        else:
+            self._jobs.pop(fd, None)
+
+    def discard(self, fd: int) -> None:
+        """The process is gone (or its inqueue closed): it holds nothing any more."""
+        self._jobs.pop(fd, None)
+
+    def clear(self) -> None:
+        """Forget every process."""
+        self._jobs.clear()
+
+    def __contains__(self, fd: object) -> bool:
+        return isinstance(fd, int) and self._jobs[fd] >= self.depth
+
+    def __len__(self) -> int:
+        return sum(1 for jobs in self._jobs.values() if jobs >= self.depth)
+
+
 class FinishingAsynPool(AsynPool):
-    """``AsynPool`` whose flush keeps the jobs a pool process will run anyway."""
+    """``AsynPool`` that hands over the next batch early and finishes what it handed over."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from worker.settings import settings
+
+        super().__init__(*args, **kwargs)
+        # Before register_with_event_loop, whose write handlers capture it.
+        self._busy_workers = JobsInHand(settings.pool_batches)
+
+    def on_job_ready(self, job: Any, i: int, obj: Any, inqW_fd: int) -> None:
+        """A pool process returned a job: it has room for one more."""
+        self._busy_workers.done(inqW_fd)
 
     def flush(self) -> None:
         """Flush as Celery does; shutting down, put back the jobs written to a live process.

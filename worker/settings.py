@@ -134,6 +134,16 @@ class Settings(BaseSettings):
     prefetch_batches: int = Field(
         3, ge=2, description="Batches each pool process keeps prefetched."
     )
+    # Celery's fair scheduling writes a pool process its next job only once it has
+    # returned the last: the process then waited about 2 ms per batch for the main
+    # process (docs/performance.md, issue 12). With 2, the next batch waits in its pipe.
+    pool_batches: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Batches handed to each pool process at once: 2 hands over the next "
+        "while one is scored; 1 hands over one at a time (Celery's -O fair).",
+    )
     tf_threads: int = Field(
         0,
         ge=0,
@@ -319,6 +329,17 @@ class Settings(BaseSettings):
         ]
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _prefetch_beyond_the_pool(self) -> Settings:
+        # Batches fill from prefetched messages: with every prefetched batch in the pool,
+        # none would fill while the pool processes score.
+        if self.pool_batches >= self.prefetch_batches:
+            raise ValueError(
+                f"GENDERSCORE_POOL_BATCHES={self.pool_batches} must be below "
+                f"GENDERSCORE_PREFETCH_BATCHES={self.prefetch_batches}"
+            )
         return self
 
     @model_validator(mode="after")

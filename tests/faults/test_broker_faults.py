@@ -145,15 +145,16 @@ def _queued(world: BrokerWorld) -> dict[str, int]:
 def test_warm_shutdown_finishes_a_batch_handed_over_but_not_yet_taken(
     broker_world: BrokerWorld, tmp_path: Path
 ) -> None:
-    """SIGTERM while a batch is in its pool process's pipe, not yet taken: the process
-    runs it anyway, so the warm shutdown waits for its outcome and acknowledges it.
+    """SIGTERM while batches are in their pool process's pipe, not yet taken: the process
+    runs them anyway, so the warm shutdown waits for their outcomes and acknowledges them.
 
     Celery's pool forgot such a batch at shutdown: its messages came back although its
     outcomes were recorded, and the pool process waited 30 s at exit for the main
-    process to read the result it sent (worker.pool).
+    process to read the result it sent (worker.pool). The process holds its next batch
+    too (GENDERSCORE_POOL_BATCHES): handed over while it could take none, it finishes.
     """
     world = broker_world
-    count = settings.batch_size  # one batch
+    count = settings.batch_size * settings.pool_batches  # the batches one process holds
     warm, folder = tmp_path / "warm", tmp_path / "pictures"
     make_pictures(warm, 4, size=(48, 48))
     make_pictures(folder, count, size=(48, 48))
