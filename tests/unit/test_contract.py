@@ -80,3 +80,36 @@ def test_readme_lists_every_setting_and_the_two_commands() -> None:
     assert "python3 -m pytest" in readme
     assert "python3 -m pytest" in (ROOT / ".ci" / "run").read_text()
     assert Path(ROOT / "models").is_dir()
+
+
+def test_a_redis_queue_entry_is_the_amqp_message_with_fresh_ids() -> None:
+    """The Redis entry is filled into a JSON template: it must decode to the very message
+    the AMQP path publishes (``parts``), in kombu's Redis envelope, with new ids each time."""
+    import base64
+    import json
+
+    from worker.broker import ScoreTask, TaskMessages
+    from worker.celery import SCORE_QUEUE, app
+
+    messages = TaskMessages(app)
+    task = ScoreTask("20261127-000000-abcd", "user_1", "/p/user_1.jpg", "/m.h5", "a" * 64, "e1")
+    first, second = (json.loads(messages.redis_entry(task)) for _ in range(2))
+    _, headers, body = messages.parts(task)
+    for entry in (first, second):
+        task_id = entry["headers"]["id"]
+        assert entry["headers"] == headers | {"id": task_id, "root_id": task_id}
+        assert json.loads(base64.b64decode(entry["body"])) == json.loads(body)
+        assert entry["properties"] == {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": SCORE_QUEUE},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": entry["properties"]["delivery_tag"],
+        }
+        assert (entry["content-type"], entry["content-encoding"]) == ("application/json", "utf-8")
+    assert first["headers"]["argsrepr"] == "run=20261127-000000-abcd userid=user_1"
+    assert first["headers"]["id"] != second["headers"]["id"]
+    assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
+    assert first["properties"]["delivery_tag"] != first["headers"]["id"]
