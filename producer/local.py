@@ -100,11 +100,12 @@ def score_local_urls(
     from worker.model import load_bundle
     from worker.preprocess import PictureError
     from worker.scoring import Failed, Prepared, infer, prepare_bytes
-    from worker.sources import picture_string
+    from worker.sources import parse_spec, picture_string
 
     bundle = load_bundle(model_path, tf_threads=cpu_count())
     size = batch_size or settings.batch_size
-    items = [(u, picture_string(spec, name)) for u, name in pictures]
+    source = parse_spec(spec)
+    items = [(u, picture_string(source, name)) for u, name in pictures]
     results = _Results()
 
     def decode(entry: tuple[str, str, Any]) -> Prepared:

@@ -23,7 +23,7 @@ from worker.broker import ScoreTask, broker_is_redis, publish_scores, run_in_fli
 from worker.keys import repair_lock, repair_progress, run_keys, runs_index
 from worker.results import run_userids
 from worker.settings import settings
-from worker.sources import picture_string
+from worker.sources import parse_spec, picture_string
 
 log = logging.getLogger(__name__)
 CHUNK = 1000
@@ -50,10 +50,11 @@ def publish_pictures(
     if not (spec and model and sha):
         raise LookupError(f"run {run_id} has no source or model in Redis")
     versions = versions or {}
+    source = parse_spec(spec)
     for start in range(0, len(pictures), CHUNK):
         chunk = pictures[start : start + CHUNK]
         tasks = [
-            ScoreTask(run_id, u, picture_string(spec, name), model, sha, versions.get(u, ""))
+            ScoreTask(run_id, u, picture_string(source, name), model, sha, versions.get(u, ""))
             for u, name in chunk
         ]
         publish_scores(app, tasks)

@@ -26,6 +26,7 @@ may carry a query string (a presigned URL is how a user grants access to one pic
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -190,15 +191,15 @@ class PictureRef:
         return cls(userid, name, size, version)
 
 
-def picture_string(spec: str, name: str) -> str:
-    """The picture a message carries: ``name`` within the run's source ``spec``.
+def picture_string(source: Source, name: str) -> str:
+    """The picture a message carries: ``name`` within the run's ``source``.
 
     A folder's file as an absolute path, a prefix's object as its URL, a manifest's
     picture as its own URL (``name`` already is one). ``split_picture`` reads it back.
+    Called once per picture of a run: the caller parses the run's spec once.
     """
-    source = parse_spec(spec)
     if isinstance(source, FolderSource):
-        return str(source.root / name)
+        return os.path.join(source.root, name)  # a third of pathlib's cost per picture
     if isinstance(source, PrefixSource):
         return source.url_of(name)
     return name
