@@ -130,7 +130,8 @@ class Settings(BaseSettings):
         "no wait once the queue is empty).",
     )
     # celery-batches needs prefetch x concurrency > batch_size, or a batch never fills:
-    # 3 batches per process keeps one scoring, one filling and one queued.
+    # 3 batches per process keeps one scoring, one waiting in its pipe (pool_batches)
+    # and one filling.
     prefetch_batches: int = Field(
         3, ge=2, description="Batches each pool process keeps prefetched."
     )
