@@ -46,13 +46,17 @@ class JobsInHand:
     """How many jobs each pool process holds, by its inqueue fd; full at ``depth``.
 
     Stands in for ``AsynPool._busy_workers``, a set of the fds of busy processes, which
-    the fair strategy reads with ``in`` and ``len`` and fills with ``add``. Its
-    ``discard`` means the process's queues are gone, so it forgets the fd; a returned
-    job is :meth:`done`.
+    the fair strategy reads with ``in`` (may this process get a job?) and ``len`` (are
+    all busy?) and fills with ``add``. A process counts as busy when it is full, or
+    while another process (of ``inqueues``, the pool's live ones) holds fewer jobs: the
+    emptiest processes are filled first, so no batch waits behind another while a
+    process is idle. Its ``discard`` means the process's queues are gone, so it forgets
+    the fd; a returned job is :meth:`done`.
     """
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, inqueues: set[int]) -> None:
         self.depth = depth
+        self._inqueues = inqueues
         self._jobs: Counter[int] = Counter()
 
     def add(self, fd: int) -> None:
@@ -75,9 +79,13 @@ class JobsInHand:
         self._jobs.clear()
 
     def __contains__(self, fd: object) -> bool:
-        return isinstance(fd, int) and self._jobs[fd] >= self.depth
+        if not isinstance(fd, int):
+            return False
+        jobs = self._jobs[fd]
+        return jobs >= self.depth or any(self._jobs[other] < jobs for other in self._inqueues)
 
     def __len__(self) -> int:
+        """How many processes are full (a process with room makes Celery offer jobs)."""
         return sum(1 for jobs in self._jobs.values() if jobs >= self.depth)
 
 
@@ -89,7 +97,8 @@ class FinishingAsynPool(AsynPool):
 
         super().__init__(*args, **kwargs)
         # Before register_with_event_loop, whose write handlers capture it.
-        self._busy_workers = JobsInHand(settings.pool_batches)
+        inqueues: set[int] = self._all_inqueues  # type: ignore[attr-defined]  # Celery's
+        self._busy_workers = JobsInHand(settings.pool_batches, inqueues)
 
     def on_job_ready(self, job: Any, i: int, obj: Any, inqW_fd: int) -> None:
         """A pool process returned a job: it has room for one more."""
