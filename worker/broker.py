@@ -123,14 +123,8 @@ class TaskMessages:
         self.embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
         self._entry = self._entry_template()
 
-    def _headers(self, task: ScoreTask, task_id: str) -> dict[str, Any]:
-        return dict(
-            self.headers,
-            id=task_id,
-            root_id=task_id,
-            argsrepr=f"run={task.run_id} userid={task.userid}",
-            kwargsrepr="{}",
-        )
+    def _headers(self, task_id: str, argsrepr: str) -> dict[str, Any]:
+        return dict(self.headers, id=task_id, root_id=task_id, argsrepr=argsrepr, kwargsrepr="{}")
 
     def _body(self, task: ScoreTask) -> bytes:
         return json.dumps([task.args(), {}, self.embed]).encode()
@@ -138,17 +132,16 @@ class TaskMessages:
     def parts(self, task: ScoreTask) -> tuple[str, dict[str, Any], bytes]:
         """The task id, headers and JSON body of one task's message."""
         task_id = str(uuid4())
-        return task_id, self._headers(task, task_id), self._body(task)
+        return task_id, self._headers(task_id, _argsrepr(task)), self._body(task)
 
     def _entry_template(self) -> list[str]:
         """The Redis entry's JSON text split at its slots: text, slot name, text, ..."""
         slot = {name: f"\0{name}\0" for name in ("body", "id", "argsrepr", "tag")}
-        headers = dict(self.headers, id=slot["id"], root_id=slot["id"], kwargsrepr="{}")
         entry = {
             "body": slot["body"],
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": headers | {"argsrepr": slot["argsrepr"]},
+            "headers": self._headers(slot["id"], slot["argsrepr"]),
             "properties": {
                 "correlation_id": slot["id"],
                 "reply_to": "",
@@ -169,11 +162,16 @@ class TaskMessages:
         values = {  # base64 and UUIDs need no escaping in JSON
             "body": f'"{base64.b64encode(self._body(task)).decode()}"',
             "id": f'"{uuid4()}"',
-            "argsrepr": json.dumps(f"run={task.run_id} userid={task.userid}"),
+            "argsrepr": json.dumps(_argsrepr(task)),
             "tag": f'"{uuid4()}"',
         }
         text = self._entry
         return "".join(values[piece] if i % 2 else piece for i, piece in enumerate(text))
+
+
+def _argsrepr(task: ScoreTask) -> str:
+    """What Flower and the logs show of a message's arguments."""
+    return f"run={task.run_id} userid={task.userid}"
 
 
 class BrokerRefused(RuntimeError):
