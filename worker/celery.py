@@ -170,6 +170,8 @@ os.environ.setdefault("CELERY_WORKER_WITHOUT_GOSSIP", "true")
 
 app = Celery("genderscore", include=["worker.tasks", "training.tasks", "producer.nightly"])
 app.conf.update(celery_config(settings))
+# Task events leave a few times a second, one message for all (worker.eventflush).
+app.steps["consumer"].add("worker.eventflush:CoalescedTaskEvents")
 
 
 @signals.celeryd_init.connect

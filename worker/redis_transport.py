@@ -10,8 +10,13 @@ unacknowledged in the same atomic step: kombu's own unacked index and hash, so
 acknowledgement, requeue and restore work unchanged.
 
 The script also narrows celery/celery#7950: a message it takes is never popped without
-being recorded (only the first, ``BRPOP``'d one is, as in kombu). Selected by
-``worker.celery`` for a Redis broker.
+being recorded. Only the first, ``BRPOP``'d message is, as in kombu; the same script
+records it, at the next turn of the event loop (kombu: its own MULTI/EXEC round trip at
+once, 10 % of the worker's main process on a 2-core Xeon). Until then it is recorded
+before anything else touches the unacked records (an ack, a reject, a restore), so
+those work unchanged; a worker killed in between loses it as kombu's could, and the
+workers' repairer puts it back (``worker.runs``). Selected by ``worker.celery`` for a
+Redis broker.
 
 Three more costs of kombu's channel are cut here, measured in the worker's main
 process and its pool processes (``docs/performance.md``):
@@ -41,36 +46,81 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from worker.settings import settings
 
-# KEYS: queue, unacked hash, unacked index ; ARGV: count, now
-# Pops up to `count` messages from the queue's tail (the same end as BRPOP) and records
-# each as kombu does: unacked[tag] = [message, exchange, routing_key], index[tag] = now.
+# KEYS: unacked hash, unacked index, queue ; ARGV: count, now, then tag, record pairs
+# Records the given (BRPOP'd) messages, then pops up to `count` messages from the
+# queue's tail (the same end as BRPOP) and records each as kombu does:
+# unacked[tag] = [message, exchange, routing_key], index[tag] = now.
 _TAKE = """
-local popped = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[i])
+end
+if tonumber(ARGV[1]) == 0 then return {} end
+local popped = redis.call('RPOP', KEYS[3], tonumber(ARGV[1]))
 if not popped then return {} end
 for _, raw in ipairs(popped) do
-  local message = cjson.decode(raw)
-  local props = message['properties']
+  local props = cjson.decode(raw)['properties']
   local info = props['delivery_info'] or {}
   local tag = props['delivery_tag']
-  redis.call('HSET', KEYS[2], tag,
-    cjson.encode({message, info['exchange'] or '', info['routing_key'] or ''}))
-  redis.call('ZADD', KEYS[3], ARGV[2], tag)
+  -- The message as it was queued, not decoded and encoded again: the same bytes, and
+  -- an encoding less (Lua's cjson would also write an empty or all-null list as {}).
+  redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange'] or '')
+    .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
+  redis.call('ZADD', KEYS[2], ARGV[2], tag)
 end
 return popped
 """
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, recording a ``BRPOP``'d message with the channel's next take.
+
+    Before anything reads or changes the unacked records (``pipe_or_acquire``: an ack,
+    a reject without requeue, a batch's acknowledgement; ``restore_by_tag``: a requeue,
+    a restore at close), the records still waiting are written.
+    """
+
+    channel: Channel
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        """Remember the message as delivered; its record waits for the next take (without
+        an event loop, it is written now)."""
+        info = message.delivery_info
+        record = dumps([message._raw, info["exchange"], info["routing_key"]])
+        self.channel.unrecorded[delivery_tag] = record
+        VirtualQoS.append(self, message, delivery_tag)
+        if getattr(self.channel.connection, "hub", None) is None:
+            self.channel.record_unrecorded()
+        else:
+            self.channel.schedule_take()
+
+    @contextmanager
+    def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
+        """kombu's, after the waiting records are written."""
+        self.channel.record_unrecorded()
+        with super().pipe_or_acquire(pipe, client) as acquired:
+            yield acquired
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        """kombu's, after the waiting records are written (it restores what is recorded)."""
+        self.channel.record_unrecorded()
+        super().restore_by_tag(tag, client=client, leftmost=leftmost)
+
+
 class Channel(kombu_redis.Channel):
     """A Redis channel that delivers up to a batch of messages per round trip."""
 
+    QoS = QoS
     take_max = 0  # set from the settings by Transport
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._sync_client: Any = None  # conn_or_acquire's client, of the current pool
+        # Delivered messages not yet recorded as unacknowledged: tag -> kombu's record.
+        self.unrecorded: dict[str, str] = {}
         super().__init__(*args, **kwargs)
         self._consumers_of: dict[str, Any] = {}  # queue -> the consumer's own callback
         self._take_script: Any = None
@@ -107,28 +157,39 @@ class Channel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> Any:
         delivered = super()._brpop_read(**options)  # type: ignore[misc]
         if delivered:
-            hub = getattr(self.connection, "hub", None)
-            if hub is None:  # no event loop (drain_events): take now
-                self._take_more()
-            elif not self._take_pending:
-                self._take_pending = True
-                hub.call_soon(self._take_scheduled)
+            self.schedule_take()
         return delivered
+
+    def schedule_take(self) -> None:
+        """Take more (and record what waits) at the next turn of the event loop; at once
+        without one (``drain_events``)."""
+        hub = getattr(self.connection, "hub", None)
+        if hub is None:
+            self._take_more()
+        elif not self._take_pending:
+            self._take_pending = True
+            hub.call_soon(self._take_scheduled)
 
     def _take_scheduled(self) -> None:
         self._take_pending = False
         if not self.closed:
             self._take_more()
 
+    def record_unrecorded(self) -> None:
+        """Write the records of delivered messages that wait for a take, now."""
+        if self.unrecorded:
+            self._take(None, 0)
+
     def _take_more(self) -> None:
-        """Take what the queues hold, up to prefetch and a batch, in one round trip each;
-        call ``on_drained`` when a queue had less than was asked for."""
+        """Take what the queues hold, up to prefetch and a batch, in one round trip each
+        (the first also writes the records that wait); call ``on_drained`` when a queue
+        had less than was asked for."""
         drained = False
         for queue, callback in list(self._consumers_of.items()):
             room = self.qos.can_consume_max_estimate()
             count = min(self.take_max, room if room is not None else self.take_max)
             if count <= 0:
-                return  # prefetch is full: the queue may hold more
+                break  # prefetch is full: the queue may hold more
             taken = self._take(queue, count)
             for raw in taken:
                 payload = loads(raw)
@@ -136,27 +197,34 @@ class Channel(kombu_redis.Channel):
                 VirtualQoS.append(self.qos, message, str(message.delivery_tag))
                 callback(message)
             drained |= len(taken) < count
+        self.record_unrecorded()
         if drained:
             for hook in list(self.on_drained):
                 hook()
 
-    def _take(self, queue: str, count: int) -> list[Any]:
+    def _take(self, queue: str | None, count: int) -> list[Any]:
+        """Record the waiting records, then pop and record up to ``count`` of ``queue``."""
         prefix = self.global_keyprefix or ""
         pool = self.pool
         script = self._take_script
         if script is None or script.registered_client.connection_pool is not pool:
             # A plain client (keys prefixed here, not by kombu's client), made once per pool.
             self._take_script = redis.Redis(connection_pool=pool).register_script(_TAKE)
-        keys = [
-            prefix + self._q_for_pri(queue, 0),  # type: ignore[attr-defined]
-            prefix + self.unacked_key,
-            prefix + self.unacked_index_key,
-        ]
+        keys = [prefix + self.unacked_key, prefix + self.unacked_index_key]
+        if queue is not None:
+            keys.append(prefix + self._q_for_pri(queue, 0))  # type: ignore[attr-defined]
+        waiting = self.unrecorded
         # Whole seconds: the index stays a listpack (at most prefetch entries), where an
         # integer score is compared as it is and a float's text is parsed at every ZADD
         # for each entry (3 against 10 us per message in Redis). Restoring by visibility
         # timeout needs no finer time.
-        return list(self._take_script(keys=keys, args=[count, int(time.time())]))
+        args: list[Any] = [count, int(time.time())]
+        for tag, record in waiting.items():
+            args += (tag, record)
+        taken = list(self._take_script(keys=keys, args=args))
+        for tag in args[2::2]:  # written: forget them (only once Redis has them)
+            waiting.pop(tag, None)
+        return taken
 
 
 class Transport(kombu_redis.Transport):

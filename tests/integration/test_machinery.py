@@ -15,11 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from kombu import Connection, Exchange, Queue
+from kombu.asynchronous import Hub
 
 from tests.helpers import ROOT, celery_worker, make_pictures, worker_env
 from worker.results import record_outcomes, seal_run
@@ -149,3 +152,60 @@ def test_the_channel_takes_a_batch_per_round_trip_and_keeps_one_client(
     channel._disconnect_pools()  # what kombu does after a fork
     with channel.conn_or_acquire() as third:
         assert third is not first and third.connection_pool is channel.pool
+
+
+def _loop_until(hub: Hub, done: Callable[[], bool], turns: int = 100) -> None:
+    for _ in range(turns):
+        if done():
+            return
+        hub.run_once()
+    raise AssertionError("the event loop did not get there")
+
+
+def test_in_the_event_loop_a_brpopd_message_is_recorded_with_the_next_take(
+    broker: tuple[Connection, str], redis_client: redis.Redis
+) -> None:
+    """The BRPOP'd message's unacked record waits for the next take; a requeue or an ack
+    that comes first (here from the consumer's callback, as Celery does for a message it
+    refuses) writes it first: the requeued message comes back, the acked one leaves no
+    record behind."""
+    conn, prefix = broker
+    queue = Queue("machinery", Exchange("machinery", type="direct"), routing_key="machinery")
+    with conn.Producer() as producer:
+        for n in range(17):  # one BRPOP and one take of a batch (16)
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key="machinery",
+                             declare=[queue])
+    hub = Hub()
+    conn.transport.register_with_event_loop(conn.connection, hub)
+    channel = conn.default_channel
+    channel.basic_qos(0, 100, False)
+    got: list[Any] = []
+    waited: list[bool] = []
+
+    def on_message(body: Any, message: Any) -> None:
+        got.append(message)
+        if body["n"] != 0:
+            return
+        waited.append(not redis_client.hexists(f"{prefix}:unacked", message.delivery_tag))
+        if len(waited) == 1:
+            message.reject(requeue=True)  # back to the queue: delivered again
+        else:
+            message.ack()
+
+    try:
+        with conn.Consumer(queue, callbacks=[on_message]):
+            # The first n=0 is requeued from its callback, then the take brings 1..16,
+            # and a BRPOP brings n=0 back.
+            _loop_until(hub, lambda: len(got) == 18 and not channel.unrecorded)
+            assert sorted(m.payload["n"] for m in got) == [0, *range(17)]
+            assert waited == [True, True]  # both times BRPOP'd, its record waiting
+            others = [m for m in got if m.payload["n"] != 0]
+            unacked = redis_client.hkeys(f"{prefix}:unacked")
+            assert sorted(unacked) == sorted(m.delivery_tag for m in others)
+            assert redis_client.zcard(f"{prefix}:unacked_index") == 16
+            for message in others:
+                message.ack()
+    finally:
+        hub.close()
+    assert redis_client.hlen(f"{prefix}:unacked") == 0
+    assert redis_client.zcard(f"{prefix}:unacked_index") == 0
