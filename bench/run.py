@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from bench.cpu import CpuMeter, StartWhenRunExists, cpu_model, redis_server_pid
 from bench.modelfile import make_in_subprocess
 from bench.pictures import PictureSet, generate, subset, userids
-from bench.procs import ROOT, bench_env, celery_worker, genderscore
+from bench.procs import ROOT, bench_env, celery_worker, compile_bytecode, genderscore
 
 if TYPE_CHECKING:
     import redis
@@ -789,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="genderscore-bench-")) if temporary else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     prefix = use_private_prefix(workdir, plan)
+    compile_bytecode()
 
     from bench.micro import delete_prefix
     from worker.results import connect

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.procs import compile_bytecode
 from bench.run import (
     RESULTS_DIR,
     Bench,
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="genderscore-tune-")) if temporary else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     prefix = use_private_prefix(workdir, plan)
+    compile_bytecode()
 
     from bench.micro import delete_prefix
     from worker.results import connect

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
@@ -74,6 +75,26 @@ for _, raw in ipairs(popped) do
 end
 return popped
 """
+
+
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+
+
+def _entry(raw: bytes) -> Any:
+    """A queue entry's JSON, as kombu's ``loads`` reads it, in a third of its time.
+
+    kombu's is the standard library's decoder with a Python hook called for every
+    object, to revive its ``{"__type__": ..., "__value__": ...}`` values (dates, decimals,
+    UUIDs). An entry holding one is left to it, and so is one with a run of 19 digits
+    (orjson reads an integer beyond 64 bits as a float) or anything orjson refuses (so
+    that the error is kombu's too).
+    """
+    if b'"__type__"' not in raw and b"0" * 19 not in raw.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return loads(raw)
 
 
 class QoS(kombu_redis.QoS):
@@ -192,7 +213,7 @@ class Channel(kombu_redis.Channel):
                 break  # prefetch is full: the queue may hold more
             taken = self._take(queue, count)
             for raw in taken:
-                payload = loads(raw)
+                payload = _entry(raw)
                 message = self.Message(payload, channel=self)
                 VirtualQoS.append(self.qos, message, str(message.delivery_tag))
                 callback(message)

@@ -113,3 +113,27 @@ def test_a_redis_queue_entry_is_the_amqp_message_with_fresh_ids() -> None:
     assert first["headers"]["id"] != second["headers"]["id"]
     assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
     assert first["properties"]["delivery_tag"] != first["headers"]["id"]
+
+
+def test_the_redis_channel_reads_a_queue_entry_as_kombu_does() -> None:
+    """The channel's fast read of a taken entry gives what kombu's ``loads`` gives: for a
+    plain entry, one with kombu's typed values (a date, a UUID), and one orjson refuses."""
+    import datetime
+    import uuid
+
+    from kombu.utils.json import dumps, loads
+
+    from worker.broker import ScoreTask, TaskMessages
+    from worker.celery import app
+    from worker.redis_transport import _entry
+
+    task = ScoreTask("20261127-000000-abcd", "user_1", "/p/user_1.jpg", "/m.h5", "a" * 64, "e1")
+    plain = TaskMessages(app).redis_entry(task)
+    typed = dumps({"headers": {"eta": datetime.datetime(2026, 11, 27, 1, 2, 3),
+                               "id": uuid.UUID(int=7)}, "body": "e30="})
+    huge = '{"headers": {"retries": 100000000000000000000000}, "body": ""}'
+    for text in (plain, typed, huge):
+        assert _entry(text.encode()) == loads(text)
+    assert isinstance(_entry(typed.encode())["headers"]["eta"], datetime.datetime)
+    with pytest.raises(ValueError):
+        _entry(b'{"body": ')
