@@ -1,15 +1,17 @@
-"""Task events leave the worker a few times a second, not at every turn of its loop.
+"""Task events leave the worker with each batch's outcome, not at every turn of its loop.
 
 Celery buffers a worker's task events and publishes what it holds at the next turn of
 the event loop, one message per turn (``Consumer.on_send_event_buffered``). A scoring
 worker sends three events per batch (``worker.events``) at different turns: about two
-``PUBLISH``\\ es per batch, each going through kombu's producer (declare, serialise,
+``PUBLISH`` commands per batch, each going through kombu's producer (declare, serialise,
 encode the body, a round trip). On a 2-core Xeon that was 18 % of the worker's main
 process (``docs/performance.md``, issue 12).
 
-This consumer step publishes the buffer at most every ``FLUSH_SECONDS`` instead: one
-message carrying every event of that interval. Each event keeps the time it was sent,
-so Flower's task times, runtimes and rates are unchanged; Flower sees them up to
+This consumer step publishes the buffer at most ``FLUSH_SECONDS`` after an event was
+buffered, and ``worker.events`` publishes it when a batch's outcome is known: one
+message per batch, carrying the received and started events of the batches handed to
+the pool since. Each event keeps the time it was sent, so Flower's task times, runtimes
+and rates are unchanged; a batch handed to the pool shows in Flower up to
 ``FLUSH_SECONDS`` later. Celery still publishes at once when ``BUFFER_LIMIT`` events
 have gathered. When the consumer stops (shutdown, or a lost connection), the buffer is
 published first; on a lost connection Celery keeps the unsent events and sends them on

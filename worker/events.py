@@ -136,3 +136,11 @@ class TaskEvents:
         else:
             result = progress_text(progress) + (f"; {len(requeued)} requeued" if requeued else "")
             self._send("task-succeeded", result=result, runtime=runtime)
+        self._publish_now()
+
+    def _publish_now(self) -> None:
+        """Publish the worker's buffered task events (``worker.eventflush``) with this
+        batch's outcome: a monitor learns a batch is recorded as soon as its messages are
+        acknowledged, even from a worker that dies or is cut off right after."""
+        if self.eventer is not None:
+            self.eventer.flush()
