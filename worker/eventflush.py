@@ -49,7 +49,10 @@ class CoalescedTaskEvents(bootsteps.StartStopStep):
 
         def flush() -> None:
             self._timer = None
-            c._flush_events()
+            # Celery publishes each group's list even when it is empty: after a batch's
+            # outcome published the buffer (worker.events), there may be nothing left.
+            if any(dispatcher._group_buffer.values()):
+                c._flush_events()
 
         def buffered() -> None:
             if self._timer is None:
