@@ -170,7 +170,7 @@ os.environ.setdefault("CELERY_WORKER_WITHOUT_GOSSIP", "true")
 
 app = Celery("genderscore", include=["worker.tasks", "training.tasks", "producer.nightly"])
 app.conf.update(celery_config(settings))
-# Task events leave a few times a second, one message for all (worker.eventflush).
+# Task events leave once per batch, with its outcome, or within 0.25 s (worker.eventflush).
 app.steps["consumer"].add("worker.eventflush:CoalescedTaskEvents")
 
 

@@ -32,7 +32,8 @@ BUFFER_LIMIT = 96  # events that make Celery publish at once (Celery's default: 
 
 
 class CoalescedTaskEvents(bootsteps.StartStopStep):
-    """Publish the worker's buffered task events on a timer (a consumer step)."""
+    """Publish the worker's buffered task events within ``FLUSH_SECONDS`` (a consumer
+    step); a batch's outcome publishes them sooner (``worker.events``)."""
 
     requires = ("celery.worker.consumer.events:Events",)
 
