@@ -28,6 +28,7 @@ quiet_native_logs()  # before a pool process can import TensorFlow (it inherits 
 if settings.log_format == "json":
     json_warnings()  # Celery warns before its logging is set up
 
+from worker.fastjson import use_for_messages  # noqa: E402
 from worker.keys import prefix  # noqa: E402  (reads the settings checked above)
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ app = Celery("genderscore", include=["worker.tasks", "training.tasks", "producer
 app.conf.update(celery_config(settings))
 # Task events leave once per batch, with its outcome, or within 0.25 s (worker.eventflush).
 app.steps["consumer"].add("worker.eventflush:CoalescedTaskEvents")
+# Message bodies decoded by orjson wherever it reads what kombu's decoder reads.
+use_for_messages()
 
 
 @signals.celeryd_init.connect

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import redis
@@ -24,8 +24,6 @@ from celery.utils.log import get_task_logger
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
-from kombu.transport.redis import QoS as RedisQoS
-from kombu.transport.virtual import QoS as VirtualQoS
 
 from worker.batching import (
     BatchReply,
@@ -103,7 +101,8 @@ class ScoreBatches(Batches):  # type: ignore[misc]
             reply: dict[str, Any] = result if isinstance(result, dict) else {}
             acked = [by_id.pop(i) for i in reply.get("ack", []) if i in by_id]
             requeued = list(by_id.values())
-            acknowledge(acked)
+            for req in acked:  # Redis: removed from the unacked records with the next take
+                req.acknowledge()
             for req in requeued:
                 req.reject(requeue=True)
             events.finished(acked, requeued, time.monotonic() - started, reply.get("progress", {}))
@@ -158,32 +157,6 @@ def lean_request(req: Request) -> SimpleRequest:
     return SimpleRequest(
         req.id, req.name, req.args, req.kwargs, {}, req.hostname, True, None, None, None
     )
-
-
-def acknowledge(requests: Sequence[Request]) -> None:
-    """Acknowledge a batch's messages: on Redis in one round trip, else one by one.
-
-    kombu's Redis transport acknowledges a message with its own MULTI/EXEC (ZREM from
-    the unacked index, HDEL from the unacked hash); a batch's are one ZREM and one HDEL
-    of all its tags in one MULTI/EXEC (kombu's two commands per message cost the main
-    process more to encode than Redis to run), then each message is marked acknowledged
-    as kombu itself would. (AMQP acks are frames without a reply: nothing to gain.)
-    """
-    pending = [r for r in requests if not r.acknowledged]
-    if not pending:
-        return
-    qos: Any = getattr(pending[0].message.channel, "qos", None)
-    if not isinstance(qos, RedisQoS) or len(pending) == 1:
-        for req in pending:
-            req.acknowledge()
-        return
-    tags = [req.message.delivery_tag for req in pending]
-    with qos.pipe_or_acquire() as pipe:  # keys prefixed by kombu's client, as its own
-        pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
-    for req in pending:
-        VirtualQoS.ack(qos, req.message.delivery_tag)  # forget the delivery, as kombu does
-        req.message._state = "ACK"
-        req.acknowledged = True
 
 
 @app.task(

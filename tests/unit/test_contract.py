@@ -115,25 +115,37 @@ def test_a_redis_queue_entry_is_the_amqp_message_with_fresh_ids() -> None:
     assert first["properties"]["delivery_tag"] != first["headers"]["id"]
 
 
-def test_the_redis_channel_reads_a_queue_entry_as_kombu_does() -> None:
-    """The channel's fast read of a taken entry gives what kombu's ``loads`` gives: for a
-    plain entry, one with kombu's typed values (a date, a UUID), and one orjson refuses."""
+def test_queue_entries_and_message_bodies_are_read_as_kombu_reads_them() -> None:
+    """The fast reader gives what kombu's ``loads`` gives: for a plain queue entry and
+    message body, one with kombu's typed values (a date, a UUID, also spelt with ``\\u``
+    escapes), a huge integer, non-ASCII text, and one orjson refuses; and the worker's
+    app makes it kombu's decoder of JSON message bodies."""
     import datetime
     import uuid
 
+    from kombu.serialization import loads as registry_loads
+    from kombu.serialization import registry
     from kombu.utils.json import dumps, loads
 
     from worker.broker import ScoreTask, TaskMessages
     from worker.celery import app
-    from worker.redis_transport import _entry
+    from worker.fastjson import loads as fast_loads
 
     task = ScoreTask("20261127-000000-abcd", "user_1", "/p/user_1.jpg", "/m.h5", "a" * 64, "e1")
     plain = TaskMessages(app).redis_entry(task)
+    body = dumps([["run", "user_1", "/p/user_1.jpg"], {}, {"callbacks": None}])
     typed = dumps({"headers": {"eta": datetime.datetime(2026, 11, 27, 1, 2, 3),
-                               "id": uuid.UUID(int=7)}, "body": "e30="})
+                               "id": uuid.UUID("7c9e6679-7425-40de-944b-e07fc1f90ae7")},
+                   "body": "e30="})
+    escaped = typed.replace('"__type__"', '"\\u005f_type__"')
     huge = '{"headers": {"retries": 100000000000000000000000}, "body": ""}'
-    for text in (plain, typed, huge):
-        assert _entry(text.encode()) == loads(text)
-    assert isinstance(_entry(typed.encode())["headers"]["eta"], datetime.datetime)
+    accented = '["r\u00e9mi", "rémi", 1.5e300]'
+    for text in (plain, body, typed, escaped, huge, accented):
+        assert fast_loads(text.encode()) == loads(text)
+        assert fast_loads(text) == loads(text)
+        assert registry_loads(text.encode(), "application/json", "utf-8") == loads(text)
+    for text in (typed, escaped):
+        assert isinstance(fast_loads(text.encode())["headers"]["eta"], datetime.datetime)
     with pytest.raises(ValueError):
-        _entry(b'{"body": ')
+        fast_loads(b'{"body": ')
+    assert registry._decoders["application/json"] is fast_loads
