@@ -91,11 +91,11 @@ class QoS(kombu_redis.QoS):
     """kombu's Redis QoS, writing what it can with the channel's next take.
 
     In the worker's event loop, a ``BRPOP``'d message's unacked record and the removal
-    of an acknowledged message's record wait for the channel's next take, at the next
-    turn of the loop: a batch's acknowledgement and the take of the messages that
-    replace it are one round trip. Before anything else reads or changes the unacked
-    records (``pipe_or_acquire``: a reject without requeue; ``restore_by_tag``: a
-    requeue, a restore; the channel's close), what waits is written.
+    of an acknowledged message's record wait for the channel's next script call: the
+    take at the next turn of the loop, or ``Channel.write_waiting``. Before anything
+    else reads or changes the unacked records (``pipe_or_acquire``: a reject without
+    requeue; ``restore_by_tag``: a requeue, a restore; the channel's close), what waits
+    is written.
     """
 
     channel: Channel
@@ -113,13 +113,13 @@ class QoS(kombu_redis.QoS):
         if self._in_event_loop():
             self.channel.schedule_take()
         else:
-            self.channel.record_unrecorded()
+            self.channel.write_waiting()
 
     def ack(self, delivery_tag: Any) -> None:
-        """Forget the message; its record is removed by the next take (without an event
-        loop, now). The message's outcome is already stored: a worker that dies before
-        then leaves the record, and the message is delivered again after the
-        visibility timeout, its outcome written again, identical."""
+        """Forget the message; its record is removed by the channel's next script call
+        (without an event loop, now): the take at the next turn of the loop, which also
+        takes messages into the room the ack freed, or sooner ``Channel.write_waiting``
+        (a batch's acknowledgement, ``worker.tasks``)."""
         if not self._in_event_loop():
             super().ack(delivery_tag)
             return
@@ -130,13 +130,13 @@ class QoS(kombu_redis.QoS):
     @contextmanager
     def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
         """kombu's, after what waits is written."""
-        self.channel.record_unrecorded()
+        self.channel.write_waiting()
         with super().pipe_or_acquire(pipe, client) as acquired:
             yield acquired
 
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
         """kombu's, after what waits is written (it restores what is recorded)."""
-        self.channel.record_unrecorded()
+        self.channel.write_waiting()
         super().restore_by_tag(tag, client=client, leftmost=leftmost)
 
 
@@ -206,7 +206,7 @@ class Channel(kombu_redis.Channel):
         if not self.closed:
             self._take_more()
 
-    def record_unrecorded(self) -> None:
+    def write_waiting(self) -> None:
         """Write what waits for a take (delivered messages' records, acknowledged
         messages' removals), now."""
         if self.unrecorded or self.acknowledged:
@@ -217,7 +217,7 @@ class Channel(kombu_redis.Channel):
         unacknowledged)."""
         if not self.closed:
             try:
-                self.record_unrecorded()
+                self.write_waiting()
             except redis.RedisError as exc:  # the records stay; restored after the timeout
                 log.warning("could not write %d acknowledgements at close: %s",
                             len(self.acknowledged), exc)
@@ -240,7 +240,7 @@ class Channel(kombu_redis.Channel):
                 VirtualQoS.append(self.qos, message, str(message.delivery_tag))
                 callback(message)
             drained |= len(taken) < count
-        self.record_unrecorded()
+        self.write_waiting()
         if drained:
             for hook in list(self.on_drained):
                 hook()

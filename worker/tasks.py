@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -36,6 +36,7 @@ from worker.celery import app, is_training_worker, pool_processes
 from worker.events import TaskEvents
 from worker.ids import describe
 from worker.pool import shutting_down
+from worker.redis_transport import Channel as RedisChannel
 from worker.results import connect, record_deaths
 from worker.runtime import twin_recorded
 from worker.settings import settings
@@ -101,8 +102,7 @@ class ScoreBatches(Batches):  # type: ignore[misc]
             reply: dict[str, Any] = result if isinstance(result, dict) else {}
             acked = [by_id.pop(i) for i in reply.get("ack", []) if i in by_id]
             requeued = list(by_id.values())
-            for req in acked:  # Redis: removed from the unacked records with the next take
-                req.acknowledge()
+            acknowledge(acked)
             for req in requeued:
                 req.reject(requeue=True)
             events.finished(acked, requeued, time.monotonic() - started, reply.get("progress", {}))
@@ -157,6 +157,20 @@ def lean_request(req: Request) -> SimpleRequest:
     return SimpleRequest(
         req.id, req.name, req.args, req.kwargs, {}, req.hostname, True, None, None, None
     )
+
+
+def acknowledge(requests: Sequence[Request]) -> None:
+    """Acknowledge a batch's messages; on Redis, remove their unacked records now, in one
+    script call (``worker.redis_transport``; kombu: a MULTI/EXEC per message).
+
+    The batch's finished event leaves after this: a monitor never sees as finished a
+    batch that a worker dying now would have delivered again.
+    """
+    for req in requests:
+        req.acknowledge()
+    channel = requests[0].message.channel if requests else None
+    if isinstance(channel, RedisChannel):
+        channel.write_waiting()
 
 
 @app.task(
