@@ -38,7 +38,6 @@ process and its pool processes (``docs/performance.md``):
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,23 +51,14 @@ from kombu.utils.json import dumps
 from worker.fastjson import loads
 from worker.settings import settings
 
-log = logging.getLogger(__name__)
-
-# KEYS: unacked hash, unacked index, queue ; ARGV: count, now, n, then n acknowledged
-# tags, then tag, record pairs.
-# Records the given (BRPOP'd) messages, removes the records of the acknowledged ones,
-# then pops up to `count` messages from the queue's tail (the same end as BRPOP) and
-# records each as kombu does: unacked[tag] = [message, exchange, routing_key],
-# index[tag] = now.
+# KEYS: unacked hash, unacked index, queue ; ARGV: count, now, then tag, record pairs
+# Records the given (BRPOP'd) messages, then pops up to `count` messages from the
+# queue's tail (the same end as BRPOP) and records each as kombu does:
+# unacked[tag] = [message, exchange, routing_key], index[tag] = now.
 _TAKE = """
-local acked = tonumber(ARGV[3])
-for i = 4 + acked, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[i])
-end
-if acked > 0 then
-  redis.call('ZREM', KEYS[2], unpack(ARGV, 4, 3 + acked))
-  redis.call('HDEL', KEYS[1], unpack(ARGV, 4, 3 + acked))
 end
 if tonumber(ARGV[1]) == 0 then return {} end
 local popped = redis.call('RPOP', KEYS[3], tonumber(ARGV[1]))
@@ -88,20 +78,14 @@ return popped
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS, writing what it can with the channel's next take.
+    """kombu's Redis QoS, recording a ``BRPOP``'d message with the channel's next take.
 
-    In the worker's event loop, a ``BRPOP``'d message's unacked record and the removal
-    of an acknowledged message's record wait for the channel's next script call: the
-    take at the next turn of the loop, or ``Channel.write_waiting``. Before anything
-    else reads or changes the unacked records (``pipe_or_acquire``: a reject without
-    requeue; ``restore_by_tag``: a requeue, a restore; the channel's close), what waits
-    is written.
+    Before anything reads or changes the unacked records (``pipe_or_acquire``: an ack,
+    a reject without requeue, a batch's acknowledgement; ``restore_by_tag``: a requeue,
+    a restore at close), the records still waiting are written.
     """
 
     channel: Channel
-
-    def _in_event_loop(self) -> bool:
-        return getattr(self.channel.connection, "hub", None) is not None
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         """Remember the message as delivered; its record waits for the next take (without
@@ -110,33 +94,21 @@ class QoS(kombu_redis.QoS):
         record = dumps([message._raw, info["exchange"], info["routing_key"]])
         self.channel.unrecorded[delivery_tag] = record
         VirtualQoS.append(self, message, delivery_tag)
-        if self._in_event_loop():
-            self.channel.schedule_take()
+        if getattr(self.channel.connection, "hub", None) is None:
+            self.channel.record_unrecorded()
         else:
-            self.channel.write_waiting()
-
-    def ack(self, delivery_tag: Any) -> None:
-        """Forget the message; its record is removed by the channel's next script call
-        (without an event loop, now): the take at the next turn of the loop, which also
-        takes messages into the room the ack freed, or sooner ``Channel.write_waiting``
-        (a batch's acknowledgement, ``worker.tasks``)."""
-        if not self._in_event_loop():
-            super().ack(delivery_tag)
-            return
-        self.channel.acknowledged.append(delivery_tag)
-        VirtualQoS.ack(self, delivery_tag)
-        self.channel.schedule_take()
+            self.channel.schedule_take()
 
     @contextmanager
     def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
-        """kombu's, after what waits is written."""
-        self.channel.write_waiting()
+        """kombu's, after the waiting records are written."""
+        self.channel.record_unrecorded()
         with super().pipe_or_acquire(pipe, client) as acquired:
             yield acquired
 
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
-        """kombu's, after what waits is written (it restores what is recorded)."""
-        self.channel.write_waiting()
+        """kombu's, after the waiting records are written (it restores what is recorded)."""
+        self.channel.record_unrecorded()
         super().restore_by_tag(tag, client=client, leftmost=leftmost)
 
 
@@ -150,8 +122,6 @@ class Channel(kombu_redis.Channel):
         self._sync_client: Any = None  # conn_or_acquire's client, of the current pool
         # Delivered messages not yet recorded as unacknowledged: tag -> kombu's record.
         self.unrecorded: dict[str, str] = {}
-        # Acknowledged messages whose records are not yet removed.
-        self.acknowledged: list[str] = []
         super().__init__(*args, **kwargs)
         self._consumers_of: dict[str, Any] = {}  # queue -> the consumer's own callback
         self._take_script: Any = None
@@ -206,22 +176,10 @@ class Channel(kombu_redis.Channel):
         if not self.closed:
             self._take_more()
 
-    def write_waiting(self) -> None:
-        """Write what waits for a take (delivered messages' records, acknowledged
-        messages' removals), now."""
-        if self.unrecorded or self.acknowledged:
+    def record_unrecorded(self) -> None:
+        """Write the records of delivered messages that wait for a take, now."""
+        if self.unrecorded:
             self._take(None, 0)
-
-    def close(self) -> None:
-        """Write what waits, then close as kombu does (which restores what is still
-        unacknowledged)."""
-        if not self.closed:
-            try:
-                self.write_waiting()
-            except redis.RedisError as exc:  # the records stay; restored after the timeout
-                log.warning("could not write %d acknowledgements at close: %s",
-                            len(self.acknowledged), exc)
-        super().close()
 
     def _take_more(self) -> None:
         """Take what the queues hold, up to prefetch and a batch, in one round trip each
@@ -240,7 +198,7 @@ class Channel(kombu_redis.Channel):
                 VirtualQoS.append(self.qos, message, str(message.delivery_tag))
                 callback(message)
             drained |= len(taken) < count
-        self.write_waiting()
+        self.record_unrecorded()
         if drained:
             for hook in list(self.on_drained):
                 hook()
@@ -256,19 +214,16 @@ class Channel(kombu_redis.Channel):
         keys = [prefix + self.unacked_key, prefix + self.unacked_index_key]
         if queue is not None:
             keys.append(prefix + self._q_for_pri(queue, 0))  # type: ignore[attr-defined]
-        waiting, acked = self.unrecorded, self.acknowledged
+        waiting = self.unrecorded
         # Whole seconds: the index stays a listpack (at most prefetch entries), where an
         # integer score is compared as it is and a float's text is parsed at every ZADD
         # for each entry (3 against 10 us per message in Redis). Restoring by visibility
         # timeout needs no finer time.
-        args: list[Any] = [count, int(time.time()), len(acked), *acked]
-        records = len(args)
+        args: list[Any] = [count, int(time.time())]
         for tag, record in waiting.items():
             args += (tag, record)
         taken = list(self._take_script(keys=keys, args=args))
-        # Written: forget them (only once Redis has them).
-        del acked[: args[2]]
-        for tag in args[records::2]:
+        for tag in args[2::2]:  # written: forget them (only once Redis has them)
             waiting.pop(tag, None)
         return taken
 
