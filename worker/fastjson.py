@@ -1,4 +1,4 @@
-"""kombu's JSON decoding in a third of its time: orjson wherever it reads the same.
+"""kombu's JSON decoding in half its time or less: orjson wherever it reads the same.
 
 kombu reads every message body, and the Redis transport every queue entry, with the
 standard library's decoder and a Python hook called for every object, to revive its
