@@ -1,9 +1,11 @@
 """Following a run: a live progress line until every userid is settled.
 
-While it waits it asks the workers, every ``CONSUMERS_EVERY`` seconds, which of them
-consume the score queue, and says so when none does (a run with no worker never
-ends, and silence is the worst answer); it keeps waiting. A run cancelled meanwhile
-ends the wait (``RunCancelled``).
+While it waits it asks the workers which of them consume the score queue, and says so
+when none does (a run with no worker never ends, and silence is the worst answer); it
+keeps waiting. It asks at once, then only while the run makes no progress, every
+``CONSUMERS_EVERY`` seconds: a run that progresses has a worker, and each question
+blocks the wait for Celery's reply timeout (a run finishing meanwhile was seen up to a
+second late). A run cancelled meanwhile ends the wait (``RunCancelled``).
 
 Between two looks at the run it listens on the run's Pub/Sub channel, where the worker
 that records the last outcome announces the finish: the wait ends within a round trip
@@ -32,8 +34,9 @@ log = logging.getLogger(__name__)
 # Without progress for this long, userids lost in transit are enqueued again (only when
 # the queue is empty and no delivered message of the run is unacknowledged).
 STALL_SECONDS = 60.0
-# How often the workers are asked whether one consumes the queue: the first time at
-# once, so that "no worker" is said within seconds, well inside 30 s.
+# How often the workers are asked whether one consumes the queue while the run makes no
+# progress: the first time at once, so that "no worker" is said within seconds, well
+# inside 30 s.
 CONSUMERS_EVERY = 20.0
 NO_CONSUMER = (
     f"no worker consumes the '{SCORE_QUEUE}' queue: start one "
@@ -174,16 +177,23 @@ def wait_for_run(
                 if live:
                     out.write("\n")
                 raise RunCancelled(f"run {run_id} was cancelled: {line}")
+            settled = counts.done + counts.errors
+            progressed = settled != last_settled
+            if progressed:
+                last_settled, last_change = settled, time.monotonic()
+                next_ask, told = last_change + CONSUMERS_EVERY, False  # a worker is there
             if consumers is not None and not counts.finished and time.monotonic() >= next_ask:
                 next_ask = time.monotonic() + CONSUMERS_EVERY
                 notice = no_consumer_notice(consumers)
                 if notice and not told:
                     say(notice)
                 told = notice is not None
-            settled = counts.done + counts.errors
-            if settled != last_settled:
-                last_settled, last_change = settled, time.monotonic()
-            elif repair and stall_after and time.monotonic() - last_change > stall_after:
+            if (
+                not progressed
+                and repair
+                and stall_after
+                and time.monotonic() - last_change > stall_after
+            ):
                 requeued = repair()
                 if requeued:
                     say(f"no progress for {stall_after:.0f}s: {requeued} userids re-enqueued")
