@@ -39,7 +39,7 @@ process and its pool processes (``docs/performance.md``):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -98,6 +98,29 @@ class QoS(kombu_redis.QoS):
             self.channel.record_unrecorded()
         else:
             self.channel.schedule_take()
+
+    def ack(self, delivery_tag: Any) -> None:
+        """kombu's acknowledgement; then the freed room is filled by a take."""
+        super().ack(delivery_tag)
+        self.channel.refill()
+
+    def ack_many(self, delivery_tags: Sequence[Any]) -> None:
+        """Acknowledge several messages in one round trip; then fill the freed room.
+
+        kombu acknowledges a message with its own MULTI/EXEC (ZREM from the unacked
+        index, HDEL from the unacked hash); these are one ZREM and one HDEL of every tag
+        in one MULTI/EXEC (kombu's two commands per message cost the main process more
+        to encode than Redis to run), then each delivery is forgotten as kombu's
+        ``ack`` forgets it.
+        """
+        if not delivery_tags:
+            return
+        with self.pipe_or_acquire() as pipe:  # keys prefixed by kombu's client
+            pipe.zrem(self.unacked_index_key, *delivery_tags)
+            pipe.hdel(self.unacked_key, *delivery_tags).execute()
+        for tag in delivery_tags:
+            VirtualQoS.ack(self, tag)
+        self.channel.refill()
 
     @contextmanager
     def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
@@ -170,6 +193,18 @@ class Channel(kombu_redis.Channel):
         elif not self._take_pending:
             self._take_pending = True
             hub.call_soon(self._take_scheduled)
+
+    def refill(self) -> None:
+        """After an acknowledgement, in the event loop: take at its next turn.
+
+        The take fills the freed prefetch room itself, in one round trip; otherwise
+        kombu's next poll would send a ``BRPOP`` for one message first, and the take
+        would follow its reply (two round trips, two turns of the loop). When the queue
+        is empty the take finds less than it asked for, and kombu's ``BRPOP`` then waits
+        for work as before.
+        """
+        if getattr(self.connection, "hub", None) is not None:
+            self.schedule_take()
 
     def _take_scheduled(self) -> None:
         self._take_pending = False

@@ -24,8 +24,6 @@ from celery.utils.log import get_task_logger
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
-from kombu.transport.redis import QoS as RedisQoS
-from kombu.transport.virtual import QoS as VirtualQoS
 
 from worker.batching import (
     BatchReply,
@@ -38,6 +36,7 @@ from worker.celery import app, is_training_worker, pool_processes
 from worker.events import TaskEvents
 from worker.ids import describe
 from worker.pool import shutting_down
+from worker.redis_transport import QoS as BatchQoS
 from worker.results import connect, record_deaths
 from worker.runtime import twin_recorded
 from worker.settings import settings
@@ -161,28 +160,19 @@ def lean_request(req: Request) -> SimpleRequest:
 
 
 def acknowledge(requests: Sequence[Request]) -> None:
-    """Acknowledge a batch's messages: on Redis in one round trip, else one by one.
-
-    kombu's Redis transport acknowledges a message with its own MULTI/EXEC (ZREM from
-    the unacked index, HDEL from the unacked hash); a batch's are one ZREM and one HDEL
-    of all its tags in one MULTI/EXEC (kombu's two commands per message cost the main
-    process more to encode than Redis to run), then each message is marked acknowledged
-    as kombu itself would. (AMQP acks are frames without a reply: nothing to gain.)
-    """
+    """Acknowledge a batch's messages: on Redis in one round trip (the transport's
+    ``QoS.ack_many``), else one by one (AMQP acks are frames without a reply)."""
     pending = [r for r in requests if not r.acknowledged]
     if not pending:
         return
     qos: Any = getattr(pending[0].message.channel, "qos", None)
-    if not isinstance(qos, RedisQoS) or len(pending) == 1:
+    if not isinstance(qos, BatchQoS) or len(pending) == 1:
         for req in pending:
             req.acknowledge()
         return
-    tags = [req.message.delivery_tag for req in pending]
-    with qos.pipe_or_acquire() as pipe:  # keys prefixed by kombu's client, as its own
-        pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
+    qos.ack_many([req.message.delivery_tag for req in pending])
     for req in pending:
-        VirtualQoS.ack(qos, req.message.delivery_tag)  # forget the delivery, as kombu does
-        req.message._state = "ACK"
+        req.message._state = "ACK"  # as kombu's Message.ack marks it
         req.acknowledged = True
 
 
