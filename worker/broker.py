@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -159,14 +160,37 @@ class TaskMessages:
         """The queue entry of one task as kombu's Redis transport stores it: JSON, body in
         base64, anonymous exchange with the queue name as routing key (what a consumer's
         requeue uses)."""
-        values = {  # base64 and UUIDs need no escaping in JSON
-            "body": f'"{base64.b64encode(self._body(task)).decode()}"',
-            "id": f'"{uuid4()}"',
-            "argsrepr": json.dumps(_argsrepr(task)),
-            "tag": f'"{uuid4()}"',
-        }
+        return self.redis_entries([task])[0]
+
+    def redis_entries(self, tasks: Sequence[ScoreTask]) -> list[str]:
+        """``redis_entry`` of each task (their task ids and delivery tags drawn at once)."""
+        ids = uuid4_texts(2 * len(tasks))
         text = self._entry
-        return "".join(values[piece] if i % 2 else piece for i, piece in enumerate(text))
+        entries = []
+        for n, task in enumerate(tasks):
+            values = {  # base64 and UUIDs need no escaping in JSON
+                "body": f'"{base64.b64encode(self._body(task)).decode()}"',
+                "id": f'"{ids[2 * n]}"',
+                "argsrepr": json.dumps(_argsrepr(task)),
+                "tag": f'"{ids[2 * n + 1]}"',
+            }
+            entries.append("".join(values[p] if i % 2 else p for i, p in enumerate(text)))
+        return entries
+
+
+def uuid4_texts(count: int) -> list[str]:
+    """``count`` random (version 4) UUIDs as ``str(uuid4())`` writes them, from one read
+    of the OS's random source: under 1 us each, against 4 us for ``str(uuid4())``, which
+    was a third of the producer's CPU per enqueued picture (two per message)."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # the RFC 4122 variant
+    h = raw.hex()
+    return [
+        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-{h[i + 12 : i + 16]}-{h[i + 16 : i + 20]}-"
+        + h[i + 20 : i + 32]
+        for i in range(0, 32 * count, 32)
+    ]
 
 
 def _argsrepr(task: ScoreTask) -> str:
@@ -178,23 +202,39 @@ class BrokerRefused(RuntimeError):
     """The broker did not confirm messages it was given (a nack, or no answer)."""
 
 
+class ScorePublisher:
+    """Publishes score messages, from one message template and (Redis) one broker client
+    for all the calls to :meth:`publish`."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.messages = TaskMessages(app)
+        self.client = broker_client() if broker_is_redis() else None
+
+    def publish(
+        self, tasks: Sequence[ScoreTask], progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Publish one score message per task; returns once the broker holds them all.
+
+        Redis: a thousand prebuilt entries per LPUSH. AMQP (RabbitMQ): persistent
+        messages on the durable quorum queue, with publisher confirms, a thousand in
+        flight at a time.
+        """
+        if self.client is None:
+            _publish_amqp(self.app, self.messages, tasks, progress)
+            return
+        queue = prefix() + SCORE_QUEUE
+        for chunk in _chunks(tasks):
+            self.client.lpush(queue, *self.messages.redis_entries(chunk))
+            if progress:
+                progress(len(chunk))
+
+
 def publish_scores(
     app: Celery, tasks: Sequence[ScoreTask], progress: Callable[[int], None] | None = None
 ) -> None:
-    """Publish one score message per task; returns once the broker holds them all.
-
-    Redis: a thousand prebuilt entries per LPUSH. AMQP (RabbitMQ): persistent messages
-    on the durable quorum queue, with publisher confirms, a thousand in flight at a time.
-    """
-    messages = TaskMessages(app)
-    if broker_is_redis():
-        client, queue = broker_client(), prefix() + SCORE_QUEUE
-        for chunk in _chunks(tasks):
-            client.lpush(queue, *[messages.redis_entry(task) for task in chunk])
-            if progress:
-                progress(len(chunk))
-        return
-    _publish_amqp(app, messages, tasks, progress)
+    """Publish one score message per task (``ScorePublisher.publish``)."""
+    ScorePublisher(app).publish(tasks, progress)
 
 
 def _chunks(tasks: Sequence[ScoreTask]) -> Iterable[Sequence[ScoreTask]]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import redis
 from celery import Celery
 
-from worker.broker import ScoreTask, broker_is_redis, publish_scores, run_in_flight
+from worker.broker import ScorePublisher, ScoreTask, broker_is_redis, run_in_flight
 from worker.keys import repair_lock, repair_progress, run_keys, runs_index
 from worker.results import run_userids
 from worker.settings import settings
@@ -51,13 +51,14 @@ def publish_pictures(
         raise LookupError(f"run {run_id} has no source or model in Redis")
     versions = versions or {}
     source = parse_spec(spec)
+    publisher = ScorePublisher(app)
     for start in range(0, len(pictures), CHUNK):
         chunk = pictures[start : start + CHUNK]
         tasks = [
             ScoreTask(run_id, u, picture_string(source, name), model, sha, versions.get(u, ""))
             for u, name in chunk
         ]
-        publish_scores(app, tasks)
+        publisher.publish(tasks)
         if record:
             client.hset(run_keys(run_id).ids, mapping=dict(chunk))
         if progress:

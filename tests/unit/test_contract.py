@@ -113,6 +113,27 @@ def test_a_redis_queue_entry_is_the_amqp_message_with_fresh_ids() -> None:
     assert first["headers"]["id"] != second["headers"]["id"]
     assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
     assert first["properties"]["delivery_tag"] != first["headers"]["id"]
+    # Many entries at once: every id and tag is new.
+    many = [json.loads(e) for e in messages.redis_entries([task] * 500)]
+    ids = [e["headers"]["id"] for e in many] + [e["properties"]["delivery_tag"] for e in many]
+    assert len(set(ids)) == 1000
+
+
+def test_uuid4_texts_are_what_uuid4_writes() -> None:
+    """Random version-4 UUIDs in ``str(uuid4())``'s form, none twice."""
+    import uuid
+
+    from worker.broker import uuid4_texts
+
+    texts = uuid4_texts(4000)
+    assert len(set(texts)) == 4000
+    for text in texts:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+    # The random bits are random: each hex digit outside the fixed ones takes many values.
+    fixed = (8, 13, 14, 18, 19, 23)  # dashes, the version, the variant's digit
+    assert all(len({t[i] for t in texts}) == 16 for i in range(36) if i not in fixed)
 
 
 def test_queue_entries_and_message_bodies_are_read_as_kombu_reads_them() -> None:
