@@ -28,6 +28,10 @@ process and its pool processes (``docs/performance.md``):
 - When a take finds the queue empty, the channel says so (``on_drained``): the scoring
   task then sends its partial batch to the pool at once, instead of after its flush
   interval while the pool processes sit idle (the tail of every run).
+- An acknowledgement schedules the next take (``Channel.refill``): the take fills the
+  room it freed in one round trip. kombu's next poll would otherwise send a ``BRPOP``
+  for one message first, and the take would follow its reply: 14 % of the worker's main
+  process went to that reply and the poll's set-up (6 % less CPU side by side).
 - In the worker's event loop, the take runs at the start of the next loop iteration,
   not inside the read of the ``BRPOP`` reply. The loop writes jobs to pool processes
   after it has handled every read of an iteration; a batch's acknowledgement frees
