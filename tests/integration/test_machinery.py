@@ -266,3 +266,50 @@ def test_in_the_event_loop_a_brpopd_message_is_recorded_with_the_next_take(
         hub.close()
     assert redis_client.hlen(f"{prefix}:unacked") == 0
     assert redis_client.zcard(f"{prefix}:unacked_index") == 0
+
+
+def test_an_acknowledgement_refills_the_worker_with_a_take_not_a_brpop(
+    broker: tuple[Connection, str], redis_client: redis.Redis
+) -> None:
+    """With prefetch full, acknowledging a batch (``QoS.ack_many``) or one message
+    (kombu's ``ack``) frees room that the next turn's take fills, in one round trip:
+    kombu sends no ``BRPOP`` for one message first."""
+    conn, prefix = broker
+    queue = Queue("machinery", Exchange("machinery", type="direct"), routing_key="machinery")
+    with conn.Producer() as producer:
+        for n in range(40):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key="machinery",
+                             declare=[queue])
+    hub = Hub()
+    conn.transport.register_with_event_loop(conn.connection, hub)
+    channel = conn.default_channel
+    channel.basic_qos(0, 16, False)  # prefetch: one batch
+    got: list[Any] = []
+    brpops: list[float] = []
+    brpop_start = channel._brpop_start
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        brpops.append(time.monotonic())
+        return brpop_start(*args, **kwargs)
+
+    channel._brpop_start = counted
+    try:
+        with conn.Consumer(queue, callbacks=[lambda body, message: got.append(message)]):
+            _loop_until(hub, lambda: len(got) == 16)  # one BRPOP, then a take of 15
+            assert len(brpops) == 1
+            for _ in range(5):
+                hub.run_once()
+            assert len(got) == 16  # prefetch is full: nothing more, no BRPOP
+            channel.qos.ack_many([m.delivery_tag for m in got])
+            _loop_until(hub, lambda: len(got) == 32)
+            got[16].ack()
+            _loop_until(hub, lambda: len(got) == 33)
+            assert len(brpops) == 1, "the freed room was filled by a BRPOP, not the take"
+            acked = {m.delivery_tag for m in got[:17]}
+            assert not acked & set(redis_client.hkeys(f"{prefix}:unacked"))
+            assert redis_client.zcard(f"{prefix}:unacked_index") == 16
+            for message in got[17:]:
+                message.ack()
+    finally:
+        hub.close()
+    assert redis_client.llen(f"{prefix}:machinery") == 40 - 33
