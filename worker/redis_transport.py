@@ -31,7 +31,7 @@ process and its pool processes (``docs/performance.md``):
 - An acknowledgement schedules the next take (``Channel.refill``): the take fills the
   room it freed in one round trip. kombu's next poll would otherwise send a ``BRPOP``
   for one message first, and the take would follow its reply: 14 % of the worker's main
-  process went to that reply and the poll's set-up (6 % less CPU side by side).
+  process went to that reply and the poll's set-up (7 % less CPU side by side).
 - In the worker's event loop, the take runs at the start of the next loop iteration,
   not inside the read of the ``BRPOP`` reply. The loop writes jobs to pool processes
   after it has handled every read of an iteration; a batch's acknowledgement frees

@@ -176,15 +176,21 @@ def broker(redis_client: redis.Redis) -> tuple[Connection, str]:
     _delete(redis_client, prefix)
 
 
+def _queue_with(conn: Connection, count: int) -> Queue:
+    """The tests' queue, with ``count`` messages ``{"n": 0}``, ``{"n": 1}``... published."""
+    queue = Queue("machinery", Exchange("machinery", type="direct"), routing_key="machinery")
+    with conn.Producer() as producer:
+        for n in range(count):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key="machinery",
+                             declare=[queue])
+    return queue
+
+
 def test_the_channel_takes_a_batch_per_round_trip_and_keeps_one_client(
     broker: tuple[Connection, str], redis_client: redis.Redis
 ) -> None:
     conn, prefix = broker
-    queue = Queue("machinery", Exchange("machinery", type="direct"), routing_key="machinery")
-    with conn.Producer() as producer:
-        for n in range(20):
-            producer.publish({"n": n}, exchange=queue.exchange, routing_key="machinery",
-                             declare=[queue])
+    queue = _queue_with(conn, 20)
     got: list[object] = []
     channel = conn.default_channel
     drained: list[int] = []
@@ -227,11 +233,7 @@ def test_in_the_event_loop_a_brpopd_message_is_recorded_with_the_next_take(
     refuses) writes it first: the requeued message comes back, the acked one leaves no
     record behind."""
     conn, prefix = broker
-    queue = Queue("machinery", Exchange("machinery", type="direct"), routing_key="machinery")
-    with conn.Producer() as producer:
-        for n in range(17):  # one BRPOP and one take of a batch (16)
-            producer.publish({"n": n}, exchange=queue.exchange, routing_key="machinery",
-                             declare=[queue])
+    queue = _queue_with(conn, 17)  # one BRPOP and one take of a batch (16)
     hub = Hub()
     conn.transport.register_with_event_loop(conn.connection, hub)
     channel = conn.default_channel
@@ -275,11 +277,7 @@ def test_an_acknowledgement_refills_the_worker_with_a_take_not_a_brpop(
     (kombu's ``ack``) frees room that the next turn's take fills, in one round trip:
     kombu sends no ``BRPOP`` for one message first."""
     conn, prefix = broker
-    queue = Queue("machinery", Exchange("machinery", type="direct"), routing_key="machinery")
-    with conn.Producer() as producer:
-        for n in range(40):
-            producer.publish({"n": n}, exchange=queue.exchange, routing_key="machinery",
-                             declare=[queue])
+    queue = _queue_with(conn, 40)
     hub = Hub()
     conn.transport.register_with_event_loop(conn.connection, hub)
     channel = conn.default_channel
