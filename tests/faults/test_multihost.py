@@ -26,6 +26,13 @@ long the cut host's unacknowledged messages wait before the surviving worker res
 them), with the batch time limit below it as the settings require, and the repairer
 checking every 2 s for runs stalled 10 s.
 
+The workers reach S3 through ``bench.delayproxy`` on the store host, each request
+``S3_DELAY_MS`` late, as a store in another building would answer. Without it a fast
+CPU scored the 1,000 pictures of (b) in about a second with the test's tiny model: a
+batch took less than the 0.25 s in which its events reach the monitor
+(``worker.eventflush``), so the monitor hardly ever saw w2 holding a batch, and the
+cut's trigger timed out (AMD Zen 5, November 2026).
+
 The figures (pictures, seconds, rows per worker host) are printed (``pytest -s``) and
 go to docs/deploy.md.
 """
@@ -58,6 +65,7 @@ PICTURES = 1000
 BUCKET = "profiles"
 PREFIX_URL = f"s3://{BUCKET}/image/"
 VISIBILITY = 30
+S3_DELAY_MS = 150  # a batch's 16 fetches in flight together: a batch lasts over 0.25 s
 WORKERS = ("w1", "w2")
 
 # A Flower-free event monitor: every task and worker event, one JSON object a line.
@@ -88,6 +96,7 @@ class Cluster:
     s3: S3Store
     events: Path
     userids: set[str]
+    workers_s3: str  # the S3 endpoint the workers use: the store, S3_DELAY_MS away
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def produce(self, run_id: str, timeout: float) -> list[str]:
@@ -189,6 +198,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
         workers = {name: net.add_host(name) for name in WORKERS}
         redis_url = stack.enter_context(redis_on(store, tmp / "redis"))
         s3 = stack.enter_context(s3_store(store.address, store.prefix))
+        workers_s3 = slow_endpoint(store, s3)
         started = time.monotonic()
         userids = upload_pictures(s3, PICTURES)
         print(f"\nuploaded {PICTURES} pictures to S3 in {time.monotonic() - started:.1f} s")
@@ -203,7 +213,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
             }
         )
         events = tmp / "events.jsonl"
-        found = Cluster(net, store, workers, producer, world, s3, events, userids)
+        found = Cluster(net, store, workers, producer, world, s3, events, userids, workers_s3)
         monitor_log = (tmp / "monitor.log").open("ab")
         stack.callback(monitor_log.close)
         found.procs["monitor"] = producer.popen(
@@ -231,10 +241,25 @@ def start_worker(cluster: Cluster, name: str, host: Host) -> subprocess.Popen[by
             + ["-c", "1", "--loglevel=INFO", "-n", f"{name}@{host.address}"]
             + ["--without-gossip", "--without-mingle"],
             cwd=home,
-            env=worker_env(cluster.world.env),
+            env=worker_env(cluster.world.env | {"AWS_ENDPOINT_URL": cluster.workers_s3}),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def slow_endpoint(store: Host, s3: S3Store) -> str:
+    """``bench.delayproxy`` on the store host before its S3 port; its endpoint URL."""
+    proxy = store.popen(
+        [sys.executable, "-m", "bench.delayproxy", "--listen", f"{store.address}:0"]
+        + ["--upstream", f"{s3.host}:{s3.port}", "--delay-ms", str(S3_DELAY_MS)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proxy.stdout is not None
+    ready = proxy.stdout.readline()  # LISTENING <port>, or "" if it died
+    assert ready.startswith("LISTENING "), f"the delaying proxy did not start: {ready!r}"
+    return f"http://{store.address}:{ready.split()[1]}"
 
 
 def check_complete(cluster: Cluster, out: Path) -> list[dict[str, str]]:
