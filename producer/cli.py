@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -173,6 +174,10 @@ def main(verbose: bool) -> None:
     from worker.logs import configure, quiet_native_logs
     from worker.settings import unknown_variables
 
+    # No command multiplies matrices with numpy (inference runs in TensorFlow or
+    # OpenVINO): OpenBLAS's threads, started when numpy loads, cost 0.14 s of CPU per
+    # command for nothing (docs/performance.md, issue 12). Set before numpy loads.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     quiet_native_logs()
     try:
         fmt = _settings().log_format
