@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -342,3 +344,78 @@ def test_unusable_manifests_are_one_clear_error(
 def test_a_missing_manifest_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="cannot read the manifest"):
         read_manifest(tmp_path / "none.csv", SCHEMES, None, BLOCKED)
+
+
+# --- fetching from a folder ----------------------------------------------------------------
+
+
+def _folder_of(tmp_path: Path, count: int) -> tuple[FolderSource, list[PictureRef]]:
+    for n in range(count):
+        (tmp_path / f"u{n}.jpg").write_bytes(b"picture %d" % n)
+    refs = [PictureRef(f"u{n}", f"u{n}.jpg") for n in range(count)]
+    return FolderSource(tmp_path.resolve()), refs
+
+
+def _reads_on(monkeypatch: pytest.MonkeyPatch, delay: list[float]) -> list[int]:
+    """Record the thread of each picture read; each read waits ``delay[0]`` seconds."""
+    import worker.fetch
+    from worker.preprocess import load_picture as real
+
+    threads: list[int] = []
+
+    def recorded(path: Path, max_bytes: int | None = None) -> bytes:
+        time.sleep(delay[0])
+        threads.append(threading.get_ident())
+        return real(path, max_bytes)
+
+    monkeypatch.setattr(worker.fetch, "load_picture", recorded)
+    return threads
+
+
+def test_a_folder_is_read_in_the_calling_thread_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.fetch import Fetcher
+
+    source, refs = _folder_of(tmp_path, 40)
+    threads = _reads_on(monkeypatch, [0.0])
+    fetched = list(Fetcher().fetch_all(source, refs))
+    assert [(ref, data) for ref, data in fetched] == [
+        (ref, b"picture %d" % n) for n, ref in enumerate(refs)
+    ]
+    assert set(threads) == {threading.get_ident()}
+
+
+def test_a_folder_whose_reads_are_slow_is_read_on_the_fetch_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.fetch import FOLDER_PROBE_EVERY, SLOW_FOLDER_READ, Fetcher
+
+    source, refs = _folder_of(tmp_path, 60)
+    delay = [0.0]
+    threads = _reads_on(monkeypatch, delay)
+    fetcher = Fetcher()
+    here = threading.get_ident()
+    # One read preempted for a while decides nothing.
+    delay[0] = 5 * SLOW_FOLDER_READ
+    list(fetcher.fetch_all(source, refs[:1]))
+    delay[0] = 0.0
+    list(fetcher.fetch_all(source, refs))
+    assert threads[-1] == here
+    # Reads that keep being slow (a network mount) go to the threads, in order still.
+    threads.clear()
+    delay[0] = 3 * SLOW_FOLDER_READ
+    fetched = list(fetcher.fetch_all(source, refs))
+    assert [data for _, data in fetched] == [b"picture %d" % n for n in range(60)]
+    # (one read in FOLDER_PROBE_EVERY is still timed here)
+    assert threads[0] == here
+    assert threads[-40:].count(here) <= 40 // FOLDER_PROBE_EVERY + 1
+    # Quick again (the files now in the page cache): read here again, after a few
+    # reads timed here.
+    delay[0] = 0.0
+    for _ in range(20):
+        threads.clear()
+        list(fetcher.fetch_all(source, refs))
+        if set(threads) == {here}:
+            break
+    assert set(threads) == {here}
