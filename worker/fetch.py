@@ -19,8 +19,8 @@ What a caller can rely on:
   at once instead of each waiting out its own attempts. A folder's pictures are read in
   the calling thread: from the page cache a read takes tens of microseconds, and
   handing each to a thread cost more (two thread switches per picture, a pool process
-  waiting for its reader while the other core idled: 5.5-7.2 % against 3.9-4.8 % of
-  the machine idle, docs/performance.md). A folder whose reads typically take over
+  waiting for its reader while the other core sometimes idled: 5.7-6.4 % against
+  3.9-4.7 % of the machine idle, docs/performance.md). A folder whose reads typically take over
   ``SLOW_FOLDER_READ`` (a network mount, a cold disk) is read on the threads, until
   they are quick again.
 - Each attempt has ``fetch_timeout`` seconds, connect to last byte.
