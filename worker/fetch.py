@@ -102,6 +102,7 @@ MAX_BACKOFF = 5.0
 SLOW_FOLDER_READ = 0.001
 FOLDER_READ_WEIGHT = 0.1
 FOLDER_PROBE_EVERY = 16
+MAX_FOLDERS_KNOWN = 1024  # folders whose reads are followed at once (one per run, mostly)
 
 
 class Unavailable(Exception):
@@ -193,7 +194,11 @@ class Fetcher:
         """Whether to read the folder's next picture in the calling thread: while its
         reads are quick, and every ``FOLDER_PROBE_EVERY``-th read of a slow folder (the
         only reads timed: a thread's read time would include waiting for the GIL)."""
-        reads = self._folder_reads.setdefault(source.root, _FolderReads())
+        reads = self._folder_reads.get(source.root)
+        if reads is None:
+            if len(self._folder_reads) >= MAX_FOLDERS_KNOWN:  # a long-lived process
+                self._folder_reads.clear()
+            reads = self._folder_reads[source.root] = _FolderReads()
         if reads.typical <= SLOW_FOLDER_READ:
             return True
         reads.skipped += 1

@@ -419,3 +419,15 @@ def test_a_folder_whose_reads_are_slow_is_read_on_the_fetch_threads(
         if set(threads) == {here}:
             break
     assert set(threads) == {here}
+
+
+def test_a_long_lived_fetcher_follows_a_bounded_number_of_folders(tmp_path: Path) -> None:
+    from worker.fetch import MAX_FOLDERS_KNOWN, Fetcher
+
+    fetcher = Fetcher()
+    for n in range(MAX_FOLDERS_KNOWN + 5):
+        folder = tmp_path / f"night{n}"
+        folder.mkdir()
+        source, refs = _folder_of(folder, 1)
+        assert [data for _, data in fetcher.fetch_all(source, refs)] == [b"picture 0"]
+    assert 0 < len(fetcher._folder_reads) <= MAX_FOLDERS_KNOWN
