@@ -20,9 +20,9 @@ What a caller can rely on:
   the calling thread: from the page cache a read takes tens of microseconds, and
   handing each to a thread cost more (two thread switches per picture, a pool process
   waiting for its reader while the other core sometimes idled: 5.7-6.4 % against
-  3.9-4.7 % of the machine idle, docs/performance.md). A folder whose reads typically take over
-  ``SLOW_FOLDER_READ`` (a network mount, a cold disk) is read on the threads, until
-  they are quick again.
+  3.9-4.7 % of the machine idle, docs/performance.md). A folder whose reads typically
+  take over ``SLOW_FOLDER_READ`` (a network mount, a cold disk) is read on the threads,
+  until they are quick again.
 - Each attempt has ``fetch_timeout`` seconds, connect to last byte.
 - ``too_large`` is decided before the body is read: from the listing's size carried by
   the reference, else the store's size (an object's HEAD, a response's Content-Length);
