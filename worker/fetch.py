@@ -96,12 +96,11 @@ MAX_BACKOFF = 5.0
 # A folder's pictures are read in the calling thread while its reads typically take
 # under SLOW_FOLDER_READ seconds (a moving average, each read weighing
 # FOLDER_READ_WEIGHT), else on the fetch threads like a store's (module docstring),
-# with one read in FOLDER_PROBE_EVERY still timed here. A read from the page cache
+# except the first read of each batch, still timed here. A read from the page cache
 # takes tens of microseconds; one read can take milliseconds when the process is
 # preempted during it, so a single slow read decides nothing.
 SLOW_FOLDER_READ = 0.001
 FOLDER_READ_WEIGHT = 0.1
-FOLDER_PROBE_EVERY = 16
 MAX_FOLDERS_KNOWN = 1024  # folders whose reads are followed at once (one per run, mostly)
 
 
@@ -128,7 +127,6 @@ class _FolderReads:
     """How one folder's reads go (``Fetcher._read_here``)."""
 
     typical: float = 0.0  # seconds per read, a moving average of the reads timed
-    skipped: int = 0  # reads sent to the threads since the last one timed
 
 
 class _Refused(Exception):
@@ -190,22 +188,19 @@ class Fetcher:
         # read on the threads.
         self._folder_reads: dict[Path, _FolderReads] = {}
 
-    def _read_here(self, source: FolderSource) -> bool:
+    def _read_here(self, source: FolderSource, alone: bool) -> bool:
         """Whether to read the folder's next picture in the calling thread: while its
-        reads are quick, and every ``FOLDER_PROBE_EVERY``-th read of a slow folder (the
-        only reads timed: a thread's read time would include waiting for the GIL)."""
+        reads are quick, and a slow folder's read made ``alone`` (no other read in
+        flight: a batch's first). Only reads made here are timed, and a slow folder's
+        only while no thread reads: a read's time would include waiting for the GIL
+        that the threads hold (measured under load, it kept a folder that had become
+        quick on the threads)."""
         reads = self._folder_reads.get(source.root)
         if reads is None:
             if len(self._folder_reads) >= MAX_FOLDERS_KNOWN:  # a long-lived process
                 self._folder_reads.clear()
             reads = self._folder_reads[source.root] = _FolderReads()
-        if reads.typical <= SLOW_FOLDER_READ:
-            return True
-        reads.skipped += 1
-        if reads.skipped < FOLDER_PROBE_EVERY:
-            return False
-        reads.skipped = 0
-        return True
+        return alone or reads.typical <= SLOW_FOLDER_READ
 
     def _note_folder_read(self, source: FolderSource, seconds: float) -> None:
         reads = self._folder_reads[source.root]
@@ -516,7 +511,8 @@ class Fetcher:
 
         def start(pair: tuple[Source, PictureRef]) -> Future[Fetched]:
             source = pair[0]
-            if not isinstance(source, FolderSource) or not self._read_here(source):
+            alone = not pending  # a folder read here is in flight only while it is read
+            if not isinstance(source, FolderSource) or not self._read_here(source, alone):
                 return self._pool.submit(one, pair)
             began = time.monotonic()
             done: Future[Fetched] = Future()
