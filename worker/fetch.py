@@ -122,13 +122,6 @@ class _Retry(Exception):
         self.message = message
 
 
-@dataclass
-class _FolderReads:
-    """How one folder's reads go (``Fetcher._read_here``)."""
-
-    typical: float = 0.0  # seconds per read, a moving average of the reads timed
-
-
 class _Refused(Exception):
     """A connection the policy refuses (raised inside urllib3, caught by ``_read_http``)."""
 
@@ -184,9 +177,9 @@ class Fetcher:
         self._filesystems: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.policy.concurrency, thread_name_prefix="fetch")
-        # How each folder's reads go: slow folders (a network mount, a cold disk) are
-        # read on the threads.
-        self._folder_reads: dict[Path, _FolderReads] = {}
+        # Each folder's typical read, in seconds (a moving average of the reads timed):
+        # slow folders (a network mount, a cold disk) are read on the threads.
+        self._folder_reads: dict[Path, float] = {}
 
     def _read_here(self, source: FolderSource, alone: bool) -> bool:
         """Whether to read the folder's next picture in the calling thread: while its
@@ -195,16 +188,16 @@ class Fetcher:
         only while no thread reads: a read's time would include waiting for the GIL
         that the threads hold (timed amid them, every 16th read, a folder quick again
         took 8-19 batches to come back here, against 5-7 now)."""
-        reads = self._folder_reads.get(source.root)
-        if reads is None:
+        typical = self._folder_reads.get(source.root)
+        if typical is None:
             if len(self._folder_reads) >= MAX_FOLDERS_KNOWN:  # a long-lived process
                 self._folder_reads.clear()
-            reads = self._folder_reads[source.root] = _FolderReads()
-        return alone or reads.typical <= SLOW_FOLDER_READ
+            typical = self._folder_reads[source.root] = 0.0
+        return alone or typical <= SLOW_FOLDER_READ
 
     def _note_folder_read(self, source: FolderSource, seconds: float) -> None:
-        reads = self._folder_reads[source.root]
-        reads.typical += FOLDER_READ_WEIGHT * (seconds - reads.typical)
+        typical = self._folder_reads[source.root]
+        self._folder_reads[source.root] = typical + FOLDER_READ_WEIGHT * (seconds - typical)
 
     def close(self) -> None:
         """Stop the fetch threads and close pooled connections."""

@@ -415,7 +415,7 @@ def test_a_folder_whose_reads_are_slow_is_read_on_the_fetch_threads(
     # Quick again (the files now in the page cache): read here again once a few
     # batches' first reads were quick, however busy the threads were meanwhile.
     delay[0] = 0.0
-    for _ in range(30):
+    for _ in range(20):
         threads.clear()
         list(fetcher.fetch_all(source, refs))
         if set(threads) == {here}:
