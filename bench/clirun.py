@@ -32,8 +32,7 @@ def main() -> None:
         return bundle
 
     worker.model.load_bundle = stamped  # producer.local imports it when it runs
-    print(f"{START_MARK} {time.time():.6f} {time.process_time():.4f}", file=sys.stderr,
-          flush=True)
+    print(f"{START_MARK} {time.time():.6f} {time.process_time():.4f}", file=sys.stderr, flush=True)
     genderscore(sys.argv[1:], prog_name="genderscore")
 
 

@@ -26,8 +26,7 @@ from typing import Any
 from bench.procs import ROOT, kib_to_mb, memory_kib
 
 
-def measure(model: Path, batch: int, threads: int, passes: int, rounds: int = 3
-            ) -> dict[str, Any]:
+def measure(model: Path, batch: int, threads: int, passes: int, rounds: int = 3) -> dict[str, Any]:
     """Time ``rounds`` x ``passes`` forward passes of ``batch`` pictures after a warm-up."""
     import numpy as np
 
@@ -52,22 +51,36 @@ def measure(model: Path, batch: int, threads: int, passes: int, rounds: int = 3
             predict_pixels(bundle.model, pixels, batch)
         times.append((time.perf_counter() - started) / (passes * batch) * 1000)
     return {
-        "batch": batch, "threads": threads, "runtime": bundle.runtime,
+        "batch": batch,
+        "threads": threads,
+        "runtime": bundle.runtime,
         "precision": bundle.precision,
         "ms_per_picture": round(statistics.median(times), 2),
         "best_ms_per_picture": round(min(times), 2),
         "load_and_first_batch_s": round(load_seconds, 2),
-        "rss_mb_tensorflow": kib_to_mb(after_import), "rss_mb_model": kib_to_mb(after_load),
+        "rss_mb_tensorflow": kib_to_mb(after_import),
+        "rss_mb_model": kib_to_mb(after_load),
         "peak_rss_mb": kib_to_mb(memory_kib(os.getpid())["VmHWM"]),
         "tensorflow_loaded": "tensorflow" in sys.modules,
     }
 
 
-def measure_in_subprocess(model: Path, batch: int, threads: int, env: dict[str, str],
-                          pictures: int = 512) -> dict[str, Any]:
+def measure_in_subprocess(
+    model: Path, batch: int, threads: int, env: dict[str, str], pictures: int = 512
+) -> dict[str, Any]:
     """``measure`` in a fresh process, about ``pictures`` pictures' worth of passes."""
-    cmd = [sys.executable, "-m", "bench.infer", str(model), "--batch", str(batch),
-           "--threads", str(threads), "--passes", str(max(2, pictures // batch))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.infer",
+        str(model),
+        "--batch",
+        str(batch),
+        "--threads",
+        str(threads),
+        "--passes",
+        str(max(2, pictures // batch)),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"bench.infer failed:\n{proc.stderr[-2000:]}")
@@ -83,10 +96,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runtime", choices=("auto", "keras", "openvino"),
-                        help="GENDERSCORE_RUNTIME for this measurement")
-    parser.add_argument("--precision", choices=("auto", "f32", "bf16", "int8"),
-                        help="GENDERSCORE_PRECISION for this measurement")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "keras", "openvino"),
+        help="GENDERSCORE_RUNTIME for this measurement",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "f32", "bf16", "int8"),
+        help="GENDERSCORE_PRECISION for this measurement",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.runtime:  # before worker.settings reads the environment

@@ -189,10 +189,12 @@ def writers(count: int) -> dict[str, float]:
     frame = pd.DataFrame(
         {
             "userid": pd.array(ids, dtype="str"),
-            "gender": pd.array(["female", "male"] * (count // 2) + ["female"] * (count % 2),
-                               dtype="str"),
-            "p_female": pd.array([f"{(n * 7919 % 1_000_003) / 1_000_003:.6f}"
-                                  for n in range(count)], dtype="str"),
+            "gender": pd.array(
+                ["female", "male"] * (count // 2) + ["female"] * (count % 2), dtype="str"
+            ),
+            "p_female": pd.array(
+                [f"{(n * 7919 % 1_000_003) / 1_000_003:.6f}" for n in range(count)], dtype="str"
+            ),
             "model": "0" * 12,
             "scored_at": "2026-11-25T02:00:00Z",
         }
@@ -207,8 +209,11 @@ def writers(count: int) -> dict[str, float]:
         same = (Path(tmp) / "a.csv").read_bytes() == (Path(tmp) / "b.csv").read_bytes()
     if not same:
         raise RuntimeError("the two writers wrote different bytes")
-    return {"write_frame_atomic_s": round(ours, 3), "to_csv_s": round(plain, 3),
-            "to_csv_over_ours": round(plain / ours, 1)}
+    return {
+        "write_frame_atomic_s": round(ours, 3),
+        "to_csv_s": round(plain, 3),
+        "to_csv_over_ours": round(plain / ours, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.results import connect
 
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     client = connect()
     try:
         load = [round(x, 2) for x in os.getloadavg()]
@@ -241,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         delete_prefix(client, f"{prefix}:")
     print(json.dumps(result, indent=2))
-    print(f"collect {args.collect:,} predictions: {result['seconds']} s (best of {args.repeat}; "
-          f"target <= 3 s) on {cpu}; to_csv / collector's writer: "
-          f"{result['writers']['to_csv_over_ours']}x")
+    print(
+        f"collect {args.collect:,} predictions: {result['seconds']} s (best of {args.repeat}; "
+        f"target <= 3 s) on {cpu}; to_csv / collector's writer: "
+        f"{result['writers']['to_csv_over_ours']}x"
+    )
     return 0
 
 

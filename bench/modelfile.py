@@ -62,20 +62,43 @@ def make(path: Path, size: int, kernel: int, count: int, epochs: int, profile: s
     generate(folder, count, seed=TRAIN_SEED, profile=profile)
     labels = path.parent / f"{path.stem}-labels.csv"
     write_profiles(labels, label_pictures(folder, (size, size)))
-    result = train(folder, labels, path, epochs=epochs, image_size=size, kernel_size=kernel,
-                   val_fraction=0.25, patience=2, seed=0)
+    result = train(
+        folder,
+        labels,
+        path,
+        epochs=epochs,
+        image_size=size,
+        kernel_size=kernel,
+        val_fraction=0.25,
+        patience=2,
+        seed=0,
+    )
     log.info("benchmark model: %s", result.summary())
 
 
-def make_in_subprocess(path: Path, size: int, kernel: int, count: int, epochs: int,
-                       profile: str, env: dict[str, str]) -> None:
+def make_in_subprocess(
+    path: Path, size: int, kernel: int, count: int, epochs: int, profile: str, env: dict[str, str]
+) -> None:
     """``make`` in a child process (keeps TensorFlow out of the caller); a model already
     there with its metadata is reused."""
     if path.exists() and path.with_suffix(".json").exists():
         return
-    cmd = [sys.executable, "-m", "bench.modelfile", str(path), "--size", str(size),
-           "--kernel", str(kernel), "--count", str(count), "--epochs", str(epochs),
-           "--profile", profile]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.modelfile",
+        str(path),
+        "--size",
+        str(size),
+        "--kernel",
+        str(kernel),
+        "--count",
+        str(count),
+        "--epochs",
+        str(epochs),
+        "--profile",
+        profile,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"could not build the benchmark model:\n{proc.stderr[-3000:]}")

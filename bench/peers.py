@@ -77,8 +77,12 @@ def ray_pids() -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"ray" in cmdline and (b"ray::" in cmdline or b"/ray/" in cmdline
-                                  or b"raylet" in cmdline or b"gcs_server" in cmdline):
+        if b"ray" in cmdline and (
+            b"ray::" in cmdline
+            or b"/ray/" in cmdline
+            or b"raylet" in cmdline
+            or b"gcs_server" in cmdline
+        ):
             found.append(int(entry))
     return found
 
@@ -118,15 +122,23 @@ def run_ray(folder: Path, model: Path, out_dir: Path, batch_size: int) -> dict[s
     items = [{"userid": p.stem, "path": str(p)} for p in sorted(folder.glob("*.jpg"))]
     started = time.perf_counter()
     with PeakPss() as memory:
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+        ray.init(
+            num_cpus=cores,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}},
+        )
         ray_start = time.perf_counter() - started
         try:
+
             def run(rows: list[dict[str, str]], target: Path) -> float:
                 began = time.perf_counter()
                 ray.data.from_items(rows).map_batches(
-                    Scorer, fn_constructor_args=(str(model), batch_size),
-                    batch_size=batch_size, concurrency=cores, num_cpus=1,
+                    Scorer,
+                    fn_constructor_args=(str(model), batch_size),
+                    batch_size=batch_size,
+                    concurrency=cores,
+                    num_cpus=1,
                 ).write_csv(str(target))
                 return time.perf_counter() - began
 
@@ -136,15 +148,18 @@ def run_ray(folder: Path, model: Path, out_dir: Path, batch_size: int) -> dict[s
             ray.shutdown()
     rows = _read_rows(out_dir / "ray")
     if sorted(rows) != sorted(item["userid"] for item in items):
-        raise RuntimeError(f"ray: {len(rows)} rows ({len(set(rows))} distinct) for "
-                           f"{len(items)} pictures")
+        raise RuntimeError(
+            f"ray: {len(rows)} rows ({len(set(rows))} distinct) for {len(items)} pictures"
+        )
     return {
-        "pictures": len(items), "seconds": round(seconds, 2),
+        "pictures": len(items),
+        "seconds": round(seconds, 2),
         "images_per_s": round(len(items) / seconds, 1),
-        "warmup": {"pictures": min(len(items), batch_size * cores),
-                   "seconds": round(warmup, 2)},
-        "ray_init_seconds": round(ray_start, 2), "actors": cores,
-        "peak_pss_mb": memory.peak_mb, "ray": _version(),
+        "warmup": {"pictures": min(len(items), batch_size * cores), "seconds": round(warmup, 2)},
+        "ray_init_seconds": round(ray_start, 2),
+        "actors": cores,
+        "peak_pss_mb": memory.peak_mb,
+        "ray": _version(),
     }
 
 

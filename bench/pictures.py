@@ -27,9 +27,22 @@ log = logging.getLogger(__name__)
 
 # (width, height) of profile pictures, from thumbnails to camera photos.
 PROFILE_SIZES: tuple[tuple[int, int], ...] = (
-    (100, 100), (128, 128), (150, 150), (200, 200), (240, 320), (250, 250), (320, 240),
-    (400, 400), (480, 640), (512, 512), (640, 480), (600, 800), (720, 720), (800, 600),
-    (768, 1024), (1024, 768),
+    (100, 100),
+    (128, 128),
+    (150, 150),
+    (200, 200),
+    (240, 320),
+    (250, 250),
+    (320, 240),
+    (400, 400),
+    (480, 640),
+    (512, 512),
+    (640, 480),
+    (600, 800),
+    (720, 720),
+    (800, 600),
+    (768, 1024),
+    (1024, 768),
 )
 # --quick: pictures about the size of the test suite's, so a smoke run stays short.
 QUICK_SIZES: tuple[tuple[int, int], ...] = ((48, 48), (64, 64), (80, 60), (60, 80), (96, 96))
@@ -104,8 +117,13 @@ def render(
     if grayscale:
         image = image.convert("L")
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=int(rng.integers(75, 93)), progressive=progressive,
-               optimize=progressive)
+    image.save(
+        buffer,
+        "JPEG",
+        quality=int(rng.integers(75, 93)),
+        progressive=progressive,
+        optimize=progressive,
+    )
     return buffer.getvalue(), (width, height), image.mode, progressive
 
 
@@ -135,8 +153,9 @@ def _write_range(folder: str, seed: int, profile: str, start: int, stop: int) ->
     return tally
 
 
-def generate(folder: Path, count: int, seed: int = 1, profile: str = "full",
-             processes: int | None = None) -> PictureSet:
+def generate(
+    folder: Path, count: int, seed: int = 1, profile: str = "full", processes: int | None = None
+) -> PictureSet:
     """Write ``count`` pictures into ``folder`` (a folder holding at least those is reused)."""
     manifest = folder / MANIFEST
     if manifest.exists():
@@ -152,15 +171,22 @@ def generate(folder: Path, count: int, seed: int = 1, profile: str = "full",
     tally = _Tally()
     log.info("generating %d pictures (%s) in %s", count, profile, folder)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_write_range, str(folder), seed, profile, start,
-                               min(count, start + step)) for start in range(0, count, step)]
+        futures = [
+            pool.submit(_write_range, str(folder), seed, profile, start, min(count, start + step))
+            for start in range(0, count, step)
+        ]
         for future in futures:
             tally.add(future.result())
     by_area = sorted(tally.sizes, key=lambda wh: wh[0] * wh[1])
     facts = {
-        "count": count, "seed": seed, "profile": profile, "progressive": tally.progressive,
-        "grayscale": tally.grayscale, "total_bytes": tally.total_bytes,
-        "min_wh": list(by_area[0]), "max_wh": list(by_area[-1]),
+        "count": count,
+        "seed": seed,
+        "profile": profile,
+        "progressive": tally.progressive,
+        "grayscale": tally.grayscale,
+        "total_bytes": tally.total_bytes,
+        "min_wh": list(by_area[0]),
+        "max_wh": list(by_area[-1]),
     }
     # Written last: a folder whose generation was interrupted has no manifest.
     manifest.write_text(json.dumps(facts, indent=2) + "\n")
@@ -169,9 +195,13 @@ def generate(folder: Path, count: int, seed: int = 1, profile: str = "full",
 
 def _from_manifest(folder: Path, facts: dict[str, Any]) -> PictureSet:
     return PictureSet(
-        folder=folder, count=int(facts["count"]), seed=int(facts["seed"]),
-        profile=str(facts["profile"]), progressive=int(facts["progressive"]),
-        grayscale=int(facts["grayscale"]), total_bytes=int(facts["total_bytes"]),
+        folder=folder,
+        count=int(facts["count"]),
+        seed=int(facts["seed"]),
+        profile=str(facts["profile"]),
+        progressive=int(facts["progressive"]),
+        grayscale=int(facts["grayscale"]),
+        total_bytes=int(facts["total_bytes"]),
         min_wh=(int(facts["min_wh"][0]), int(facts["min_wh"][1])),
         max_wh=(int(facts["max_wh"][0]), int(facts["max_wh"][1])),
     )

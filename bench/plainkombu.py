@@ -12,7 +12,8 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from worker.celery import app
 
-TRANSPORT_ALIASES.update(redis="kombu.transport.redis:Transport",
-                         rediss="kombu.transport.redis:Transport")
+TRANSPORT_ALIASES.update(
+    redis="kombu.transport.redis:Transport", rediss="kombu.transport.redis:Transport"
+)
 
 __all__ = ["app"]

@@ -106,16 +106,40 @@ class WorkerProcess:
 
 
 @contextmanager
-def celery_worker(app: str, queue: str, name: str, env: dict[str, str], log_path: Path,
-                  extra_args: Sequence[str] = (), ready_timeout: float = 120
-                  ) -> Iterator[WorkerProcess]:
+def celery_worker(
+    app: str,
+    queue: str,
+    name: str,
+    env: dict[str, str],
+    log_path: Path,
+    extra_args: Sequence[str] = (),
+    ready_timeout: float = 120,
+) -> Iterator[WorkerProcess]:
     """Run ``celery -A app worker -Q queue`` until the block ends (SIGTERM, then SIGKILL)."""
-    cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue, "--loglevel=INFO",
-           "-n", f"{name}-{os.getpid()}@%h", *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-Q",
+        queue,
+        "--loglevel=INFO",
+        "-n",
+        f"{name}-{os.getpid()}@%h",
+        *extra_args,
+    ]
     log.info("starting worker: %s", " ".join(cmd[2:]))
     with log_path.open("ab") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     worker = WorkerProcess(proc, log_path, name)
     try:
         _wait_ready(worker, ready_timeout)
@@ -135,8 +159,9 @@ def _wait_ready(worker: WorkerProcess, timeout: float) -> None:
         if " ready." in worker.log_text():
             return
         time.sleep(0.05)
-    raise RuntimeError(f"worker {worker.name} not ready after {timeout:.0f}s:\n"
-                       f"{worker.log_text()[-3000:]}")
+    raise RuntimeError(
+        f"worker {worker.name} not ready after {timeout:.0f}s:\n{worker.log_text()[-3000:]}"
+    )
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -175,14 +200,16 @@ class CommandResult:
         return self
 
 
-def genderscore(args: Sequence[str], env: dict[str, str], workdir: Path,
-                timeout: float) -> CommandResult:
+def genderscore(
+    args: Sequence[str], env: dict[str, str], workdir: Path, timeout: float
+) -> CommandResult:
     """Run ``genderscore ARGS`` (as ``python -m bench.clirun ARGS``) and wait for it."""
     stdout_path, stderr_path = workdir / "cmd.stdout", workdir / "cmd.stderr"
     log.info("running: genderscore %s", " ".join(args))
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.clirun", *args], cwd=ROOT, env=env,
-                                stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.clirun", *args], cwd=ROOT, env=env, stdout=out, stderr=err
+        )
     deadline = time.monotonic() + timeout
     while True:
         # wait4 reaps the child and reports its own peak RSS (not the whole tree's).
@@ -197,10 +224,20 @@ def genderscore(args: Sequence[str], env: dict[str, str], workdir: Path,
     ended = time.time()
     proc.returncode = os.waitstatus_to_exitcode(status)
     stderr = stderr_path.read_text(errors="replace")
-    marks = {line.split()[0]: [float(x) for x in line.split()[1:]]
-             for line in stderr.splitlines() if line.startswith((START_MARK, LOADED_MARK))}
+    marks = {
+        line.split()[0]: [float(x) for x in line.split()[1:]]
+        for line in stderr.splitlines()
+        if line.startswith((START_MARK, LOADED_MARK))
+    }
     start = marks.get(START_MARK, [float("nan"), 0.0])
-    return CommandResult(proc.returncode, stdout_path.read_text(errors="replace"), stderr,
-                         start[0], marks.get(LOADED_MARK, [float("nan")])[0], ended,
-                         kib_to_mb(usage.ru_maxrss), usage.ru_utime + usage.ru_stime,
-                         start[1] if len(start) > 1 else 0.0)
+    return CommandResult(
+        proc.returncode,
+        stdout_path.read_text(errors="replace"),
+        stderr,
+        start[0],
+        marks.get(LOADED_MARK, [float("nan")])[0],
+        ended,
+        kib_to_mb(usage.ru_maxrss),
+        usage.ru_utime + usage.ru_stime,
+        start[1] if len(start) > 1 else 0.0,
+    )

@@ -57,13 +57,21 @@ log = logging.getLogger("bench")
 RESULTS_DIR = ROOT / "bench" / "results"
 MODELS_DIR = ROOT / "bench" / "results" / "models"  # trained once, reused (git-ignored)
 TARGETS = {
-    "b_over_a": 0.85, "b_over_c": 20.0, "worker_rss_mb": 250.0, "enqueue_per_s": 10_000,
-    "collect_s": 15.0, "redis_bytes_per_prediction": 150.0,
+    "b_over_a": 0.85,
+    "b_over_c": 20.0,
+    "worker_rss_mb": 250.0,
+    "enqueue_per_s": 10_000,
+    "collect_s": 15.0,
+    "redis_bytes_per_prediction": 150.0,
     # issue 11: the twin against Keras, on a CPU with AMX or AVX-512 BF16/VNNI (else 1.0)
-    "twin_over_keras": 2.0, "cold_start_s": 2.0, "label_agreement": 0.995,
+    "twin_over_keras": 2.0,
+    "cold_start_s": 2.0,
+    "label_agreement": 0.995,
     "median_abs_dp": 1e-3,
     # issue 12: the machinery's CPU per picture during the warm (b) run
-    "b_over_a_default": 0.93, "worker_main_ms": 0.25, "idle_share": 0.03,
+    "b_over_a_default": 0.93,
+    "worker_main_ms": 0.25,
+    "idle_share": 0.03,
     "redis_producer_ms": 0.15,
     "d_over_b": 0.9,  # issue 10
 }
@@ -94,9 +102,18 @@ class Plan:
 
         One scaling size only: each size costs a fresh worker and its TensorFlow import.
         """
-        return cls(n=120, sizes=(120,), naive_n=30, enqueue_n=2000, collect_n=20_000,
-                   model_size=32, model_kernel=3, train_count=200, train_epochs=1,
-                   profile="quick")
+        return cls(
+            n=120,
+            sizes=(120,),
+            naive_n=30,
+            enqueue_n=2000,
+            collect_n=20_000,
+            model_size=32,
+            model_kernel=3,
+            train_count=200,
+            train_epochs=1,
+            profile="quick",
+        )
 
 
 @dataclass
@@ -138,8 +155,9 @@ def check_csv(out: Path, expected: list[str]) -> dict[str, int]:
     errors = out.with_name(f"{out.stem}.errors.csv")
     error_rows = max(0, sum(1 for _ in errors.open()) - 1) if errors.exists() else 0
     if len(rows) != len(set(rows)) or set(rows) != set(expected):
-        raise RuntimeError(f"{out}: {len(rows)} rows ({len(set(rows))} distinct) for "
-                           f"{len(expected)} pictures")
+        raise RuntimeError(
+            f"{out}: {len(rows)} rows ({len(set(rows))} distinct) for {len(expected)} pictures"
+        )
     return {"rows": len(rows), "error_rows": error_rows}
 
 
@@ -149,21 +167,27 @@ def served_by(log_text: str) -> str:
     return " ".join(found[-1]) if found else "?"
 
 
-def measure_local(bench: Bench, count: int, env: dict[str, str] | None = None,
-                  label: str = "local") -> dict[str, Any]:
+def measure_local(
+    bench: Bench, count: int, env: dict[str, str] | None = None, label: str = "local"
+) -> dict[str, Any]:
     """(a) ``genderscore score --local``: model loaded (warm) or command start (cold) to CSV."""
     folder = bench.folder(count)
     out = bench.workdir / f"{label}-{count}.csv"
     meter = CpuMeter(None, None)
     meter.start()
-    cmd = genderscore(["score", str(folder), "--local", "--out", str(out)], bench_env(env),
-                      bench.workdir, timeout=120 + count).check("score --local")
+    cmd = genderscore(
+        ["score", str(folder), "--local", "--out", str(out)],
+        bench_env(env),
+        bench.workdir,
+        timeout=120 + count,
+    ).check("score --local")
     meter.stop()
     written = csv_written_at(out)
     seconds, cold = written - cmd.model_loaded, written - cmd.started
     cpu = meter.per_picture(count, cmd.cpu_seconds - cmd.startup_cpu_seconds)
     return {
-        "pictures": count, "seconds": round(seconds, 2),
+        "pictures": count,
+        "seconds": round(seconds, 2),
         "images_per_s": round(count / seconds, 1),
         "cold_seconds": round(cold, 2),  # with the scan, TensorFlow's import and the model load
         "cold_images_per_s": round(count / cold, 1),
@@ -181,6 +205,7 @@ def measure_local(bench: Bench, count: int, env: dict[str, str] | None = None,
 def agreement(reference: Path, other: Path, threshold: float = 0.5) -> dict[str, Any]:
     """How ``other``'s predictions agree with ``reference``'s (collected CSVs, p_female to
     6 decimals): label agreement, median and max |dp|, over the userids both scored."""
+
     def read(path: Path) -> dict[str, float]:
         with path.open(newline="") as handle:
             return {row["userid"]: float(row["p_female"]) for row in csv.DictReader(handle)}
@@ -197,22 +222,25 @@ def agreement(reference: Path, other: Path, threshold: float = 0.5) -> dict[str,
     }
 
 
-def measure_cold_start(bench: Bench, label: str, env: dict[str, str] | None = None
-                       ) -> dict[str, Any]:
+def measure_cold_start(
+    bench: Bench, label: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """(cold) A run waits in the queue; a scoring worker starts: seconds from the worker
     command's start to its first batch recorded (the run polled every 10 ms)."""
     from worker.keys import run_keys
 
     count = warmup_size(bench, 2)
     worker_env = bench_env(env)
-    cmd = genderscore(["score", str(bench.folder(count))], worker_env, bench.workdir,
-                      timeout=120).check(f"score ({label})")
+    cmd = genderscore(
+        ["score", str(bench.folder(count))], worker_env, bench.workdir, timeout=120
+    ).check(f"score ({label})")
     run_id = cmd.stdout.strip().splitlines()[-1]
     keys = run_keys(run_id)
     started = time.monotonic()
     first = None
-    with celery_worker("worker", "score", f"bench-{label}", worker_env,
-                       bench.logs(label)) as worker:
+    with celery_worker(
+        "worker", "score", f"bench-{label}", worker_env, bench.logs(label)
+    ) as worker:
         deadline = started + 120
         # Polled every 10 ms (and by the ready wait every 50 ms): a prediction's own
         # time is in whole seconds, too coarse for a start of about one second.
@@ -226,8 +254,11 @@ def measure_cold_start(bench: Bench, label: str, env: dict[str, str] | None = No
     if bench.client.hlen(keys.err):
         raise RuntimeError(f"cold start ({label}): errors {bench.client.hgetall(keys.err)}")
     first = time.monotonic() if first is None else first
-    return {"pictures": count, "seconds": round(first - started, 2),
-            "served_by": served_by(log_text)}
+    return {
+        "pictures": count,
+        "seconds": round(first - started, 2),
+        "served_by": served_by(log_text),
+    }
 
 
 def warmup_size(bench: Bench, processes: int) -> int:
@@ -237,8 +268,14 @@ def warmup_size(bench: Bench, processes: int) -> int:
     return min(bench.pictures.count, 2 * settings.batch_size * max(1, processes))
 
 
-def score_run(bench: Bench, folder: Path | str, count: int, label: str,
-              env: dict[str, str], meter: CpuMeter | None = None) -> dict[str, Any]:
+def score_run(
+    bench: Bench,
+    folder: Path | str,
+    count: int,
+    label: str,
+    env: dict[str, str],
+    meter: CpuMeter | None = None,
+) -> dict[str, Any]:
     """One ``genderscore score --wait --out`` run: first enqueue to CSV written.
 
     With a ``meter``, CPU per picture by component from the run's creation (seen in
@@ -252,29 +289,53 @@ def score_run(bench: Bench, folder: Path | str, count: int, label: str,
     run_id = new_run_id()
     watch = StartWhenRunExists(bench.client, run_keys(run_id).meta, meter)
     with watch:
-        cmd = genderscore(["score", str(folder), "--wait", "--out", str(out), "--run-id",
-                           run_id, "--timeout", f"{wait_s:.0f}"], env, bench.workdir,
-                          timeout=wait_s + 60).check(f"score --wait ({label})")
+        cmd = genderscore(
+            [
+                "score",
+                str(folder),
+                "--wait",
+                "--out",
+                str(out),
+                "--run-id",
+                run_id,
+                "--timeout",
+                f"{wait_s:.0f}",
+            ],
+            env,
+            bench.workdir,
+            timeout=wait_s + 60,
+        ).check(f"score --wait ({label})")
     meta = bench.client.hgetall(run_keys(run_id).meta)
     started, finished = float(meta["started_at"]), float(meta["finished_at"])
     written = csv_written_at(out)
     return {
-        "pictures": count, "seconds": round(written - started, 2),
+        "pictures": count,
+        "seconds": round(written - started, 2),
         "images_per_s": round(count / (written - started), 1),
         "scoring_seconds": round(finished - started, 2),  # first enqueue to last outcome
         "collect_seconds": round(written - finished, 2),  # with --wait's 0.5 s polling
         "command_seconds": round(written - cmd.started, 2),  # with the scan
         "producer_peak_rss_mb": cmd.max_rss_mb,
         **check_csv(out, userids(bench.pictures, count)),
-    } | ({"cpu": meter.per_picture(count, cmd.cpu_seconds - cmd.startup_cpu_seconds)
-          | {"producer_startup_ms": round(1000 * cmd.startup_cpu_seconds, 1)}}
-         if meter and meter.snapshots else {})
+    } | (
+        {
+            "cpu": meter.per_picture(count, cmd.cpu_seconds - cmd.startup_cpu_seconds)
+            | {"producer_startup_ms": round(1000 * cmd.startup_cpu_seconds, 1)}
+        }
+        if meter and meter.snapshots
+        else {}
+    )
 
 
-def measure_pipeline(bench: Bench, count: int, label: str = "",
-                     worker_env: dict[str, str] | None = None,
-                     worker_args: tuple[str, ...] = (), app: str = "worker",
-                     source: str | None = None) -> dict[str, Any]:
+def measure_pipeline(
+    bench: Bench,
+    count: int,
+    label: str = "",
+    worker_env: dict[str, str] | None = None,
+    worker_args: tuple[str, ...] = (),
+    app: str = "worker",
+    source: str | None = None,
+) -> dict[str, Any]:
     """(b) fresh workers; a warm-up run loads the model (cold), then the timed run (warm)
     on the folder of ``count`` pictures, or on ``source`` (a URL prefix holding them)."""
     from worker.keys import model_loads
@@ -282,8 +343,9 @@ def measure_pipeline(bench: Bench, count: int, label: str = "",
     label = label or f"pipeline-{count}"
     bench.client.delete(model_loads())
     env = bench_env(worker_env)
-    with celery_worker(app, "score", f"bench-{label}", env, bench.logs(label),
-                       worker_args) as worker:
+    with celery_worker(
+        app, "score", f"bench-{label}", env, bench.logs(label), worker_args
+    ) as worker:
         warm_n = warmup_size(bench, len(worker.pool_pids()))
         cold = score_run(bench, bench.folder(warm_n), warm_n, f"{label}-warmup", env)
         meter = CpuMeter(worker.proc.pid, redis_server_pid(bench.client))
@@ -310,8 +372,10 @@ def measure_s3(bench: Bench, count: int, delay_ms: float) -> dict[str, Any]:
         before = serving_cpu()
         result = measure_pipeline(bench, count, f"s3-{count}", s3_env, source=prefix)
         served = serving_cpu() - before  # the warm-up run's pictures come from the folder
-    return result | {"delay_ms": delay_ms,
-                     "store_and_proxy_cpu_ms_per_picture": round(1000 * served / count, 3)}
+    return result | {
+        "delay_ms": delay_ms,
+        "store_and_proxy_cpu_ms_per_picture": round(1000 * served / count, 3),
+    }
 
 
 def measure_naive(bench: Bench, count: int) -> dict[str, Any]:
@@ -325,19 +389,25 @@ def measure_naive(bench: Bench, count: int) -> dict[str, Any]:
 
     def send(run: str, names: list[str]) -> None:
         for uid in names:  # one publish per task, as people write it first
-            app.send_task(NAIVE_TASK, args=(run, uid, str(folder / f"{uid}.jpg"),
-                                             str(bench.model)), queue=NAIVE_QUEUE)
+            app.send_task(
+                NAIVE_TASK,
+                args=(run, uid, str(folder / f"{uid}.jpg"), str(bench.model)),
+                queue=NAIVE_QUEUE,
+            )
 
     def wait(run: str, total: int, started: float, limit: float) -> None:
         while bench.client.hlen(results_key(run)) < total:
             if time.time() - started > limit:
-                raise RuntimeError(f"naive baseline: {bench.client.hlen(results_key(run))} "
-                                   f"of {total} after {limit:.0f}s")
+                raise RuntimeError(
+                    f"naive baseline: {bench.client.hlen(results_key(run))} "
+                    f"of {total} after {limit:.0f}s"
+                )
             time.sleep(0.05)
 
     bench.client.delete(loads_key())
-    with celery_worker("bench.naive", NAIVE_QUEUE, "bench-naive", bench_env(),
-                       bench.logs("naive")) as worker:
+    with celery_worker(
+        "bench.naive", NAIVE_QUEUE, "bench-naive", bench_env(), bench.logs("naive")
+    ) as worker:
         processes = len(worker.pool_pids()) or 1
         warm_started = time.time()
         sent = 0
@@ -362,10 +432,12 @@ def measure_naive(bench: Bench, count: int) -> dict[str, Any]:
         rss = worker.peak_rss_mb()
     loads = {k: int(v) for k, v in bench.client.hgetall(loads_key()).items()}
     return {
-        "pictures": count, "seconds": round(seconds, 2),
+        "pictures": count,
+        "seconds": round(seconds, 2),
         "images_per_s": round(count / seconds, 1),
         "warmup": {"pictures": sent, "seconds": round(warmup_seconds, 2)},
-        "worker_peak_rss_mb": rss, "worker_processes": processes,
+        "worker_peak_rss_mb": rss,
+        "worker_processes": processes,
         "model_loads": sum(loads.values()),
         "cpu": meter.per_picture(count),  # its producer is this process: not counted
         **check_csv(out, uids),
@@ -386,20 +458,38 @@ def measure_ray(bench: Bench, count: int) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """Facts about this machine and the software measured."""
-    mem_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
-                    .splitlines() if line.startswith("MemTotal")), 0)
+    mem_kib = next(
+        (
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
     versions = {}
-    for package in ("tensorflow", "keras", "openvino", "celery", "celery-batches", "kombu",
-                    "redis", "pillow", "numpy"):
+    for package in (
+        "tensorflow",
+        "keras",
+        "openvino",
+        "celery",
+        "celery-batches",
+        "kombu",
+        "redis",
+        "pillow",
+        "numpy",
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "-"
     return {
-        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
         "memory_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(), "platform": platform.platform(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "versions": versions,
         "fast_cpu": fast_cpu(),
     }
 
@@ -410,12 +500,15 @@ def effective_settings(concurrency: int) -> dict[str, Any]:
     from worker.settings import settings
 
     return {
-        "pool": "prefork", "concurrency": concurrency, "batch_size": settings.batch_size,
+        "pool": "prefork",
+        "concurrency": concurrency,
+        "batch_size": settings.batch_size,
         "flush_interval_s": settings.flush_interval,
         "prefetch_batches": settings.prefetch_batches,
         "prefetch_per_process": settings.batch_size * settings.prefetch_batches,
         "tf_threads_per_process": default_tf_threads(concurrency),
-        "redis_url": _redact(settings.redis_url), "key_prefix": settings.key_prefix,
+        "redis_url": _redact(settings.redis_url),
+        "key_prefix": settings.key_prefix,
     }
 
 
@@ -427,9 +520,14 @@ def _redact(url: str) -> str:
 
 def fast_cpu() -> bool:
     """Whether this CPU has AMX or AVX-512 BF16/VNNI (where the twin must reach 2x Keras)."""
-    flags = next((line.split(":", 1)[1].split() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ),
+        [],
+    )
     return bool({"amx_bf16", "avx512_bf16", "avx512_vnni"} & set(flags))
 
 
@@ -442,13 +540,21 @@ def setup(plan: Plan, workdir: Path) -> Bench:
     client.ping()
     model = Path(os.environ["GENDERSCORE_MODEL"])
     started = time.perf_counter()
-    make_in_subprocess(model, plan.model_size, plan.model_kernel, plan.train_count,
-                       plan.train_epochs, plan.profile, bench_env())
+    make_in_subprocess(
+        model,
+        plan.model_size,
+        plan.model_kernel,
+        plan.train_count,
+        plan.train_epochs,
+        plan.profile,
+        bench_env(),
+    )
     log.info("model %s ready (%.1fs)", model.name, time.perf_counter() - started)
     started = time.perf_counter()
     count = max(plan.n, plan.naive_n, *plan.sizes)
-    pictures = generate(workdir / f"pictures-{plan.profile}-s{plan.seed}", count, plan.seed,
-                        plan.profile)
+    pictures = generate(
+        workdir / f"pictures-{plan.profile}-s{plan.seed}", count, plan.seed, plan.profile
+    )
     log.info("%d pictures ready (%.1fs)", count, time.perf_counter() - started)
     return Bench(plan, workdir, client, model, file_sha256(model), pictures)
 
@@ -462,13 +568,26 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
     results["plan"] = asdict(plan) | {"sizes": list(plan.sizes)}
     results["pictures"] = bench.pictures.summary() | {"used": plan.n}
     meta = json.loads(bench.model.with_suffix(".json").read_text())
-    results["model"] = {"input": f"{plan.model_size}x{plan.model_size}",
-                        "kernel": plan.model_kernel, "sha256": bench.model_sha[:12],
-                        "val_accuracy": meta.get("val_accuracy"),
-                        "twin": {p: {k: c.get(k) for k in ("passed", "label_agreement",
-                                                           "median_abs_dp", "max_abs_dp",
-                                                           "pictures", "reason")}
-                                 for p, c in meta.get("twin", {}).get("precisions", {}).items()}}
+    results["model"] = {
+        "input": f"{plan.model_size}x{plan.model_size}",
+        "kernel": plan.model_kernel,
+        "sha256": bench.model_sha[:12],
+        "val_accuracy": meta.get("val_accuracy"),
+        "twin": {
+            p: {
+                k: c.get(k)
+                for k in (
+                    "passed",
+                    "label_agreement",
+                    "median_abs_dp",
+                    "max_abs_dp",
+                    "pictures",
+                    "reason",
+                )
+            }
+            for p, c in meta.get("twin", {}).get("precisions", {}).items()
+        },
+    }
 
     phases = [
         ("local_keras", lambda: measure_local(bench, plan.n, KERAS, "local-keras")),
@@ -490,25 +609,36 @@ def run(plan: Plan, workdir: Path) -> dict[str, Any]:
     results["settings"] = effective_settings(results["pipeline"]["worker_processes"])
     scaling = []
     for size in plan.sizes:
-        result = results["pipeline"] if size == plan.n else _phase(
-            f"pipeline at {size}", lambda size=size: measure_pipeline(bench, size))
+        result = (
+            results["pipeline"]
+            if size == plan.n
+            else _phase(f"pipeline at {size}", lambda size=size: measure_pipeline(bench, size))
+        )
         scaling.append(result)
     results["scaling"] = scaling
-    results["enqueue"] = _phase("enqueue", lambda: enqueue(
-        bench.client, plan.enqueue_n, bench.pictures.folder, bench.model, bench.model_sha))
+    results["enqueue"] = _phase(
+        "enqueue",
+        lambda: enqueue(
+            bench.client, plan.enqueue_n, bench.pictures.folder, bench.model, bench.model_sha
+        ),
+    )
     results["collect"] = _phase("collect", lambda: collect(bench.client, plan.collect_n))
-    results["agreement"] = agreement(Path(results["local_keras"]["csv"]),
-                                     Path(results["local"]["csv"]))
+    results["agreement"] = agreement(
+        Path(results["local_keras"]["csv"]), Path(results["local"]["csv"])
+    )
     results["ratios"] = {
-        "twin_over_keras": round(results["local"]["images_per_s"]
-                                 / results["local_keras"]["images_per_s"], 2),
+        "twin_over_keras": round(
+            results["local"]["images_per_s"] / results["local_keras"]["images_per_s"], 2
+        ),
         "b_over_a": round(results["pipeline"]["images_per_s"] / a_around_b(results), 3),
-        "b_over_c": round(results["pipeline"]["images_per_s"]
-                          / results["naive"]["images_per_s"], 2),
+        "b_over_c": round(
+            results["pipeline"]["images_per_s"] / results["naive"]["images_per_s"], 2
+        ),
     }
     if "s3" in results:
-        results["ratios"]["d_over_b"] = round(results["s3"]["images_per_s"]
-                                              / results["pipeline"]["images_per_s"], 3)
+        results["ratios"]["d_over_b"] = round(
+            results["s3"]["images_per_s"] / results["pipeline"]["images_per_s"], 3
+        )
     results["marginal_cpu"] = marginal_cpu(scaling)
     results["targets"] = targets(results)
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -527,8 +657,12 @@ def _phase(name: str, action: Any) -> Any:
     log.info("--- %s%s", name, quiet)
     started = time.perf_counter()
     result = action()
-    log.info("--- %s done in %.1fs: %s", name, time.perf_counter() - started,
-             {k: v for k, v in result.items() if not isinstance(v, dict)})
+    log.info(
+        "--- %s done in %.1fs: %s",
+        name,
+        time.perf_counter() - started,
+        {k: v for k, v in result.items() if not isinstance(v, dict)},
+    )
     return result
 
 
@@ -538,37 +672,92 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     worker_rss = max(v for run in results["scaling"] for v in run["worker_peak_rss_mb"].values())
     cpu = pipeline["cpu"]["ms_per_picture"]
     return [
-        _target("(a) default runtime / keras", results["ratios"]["twin_over_keras"], ">=",
-                TARGETS["twin_over_keras"] if fast_cpu() else 1.0),
-        _target("cold start, worker command -> first batch (s)", results["cold"]["seconds"],
-                "<=", TARGETS["cold_start_s"]),
-        _target("label agreement with Keras f32 (a)", results["agreement"]["label_agreement"],
-                ">=", TARGETS["label_agreement"]),
-        _target("median |dp| against Keras f32 (a)", results["agreement"]["median_abs_dp"],
-                "<=", TARGETS["median_abs_dp"]),
-        _target("(b)/(a), default runtime", results["ratios"]["b_over_a"], ">=",
-                TARGETS["b_over_a_default"]),
-        _target("(b) worker main process, CPU ms per picture", cpu["worker_main"], "<=",
-                TARGETS["worker_main_ms"]),
-        _target("(b) Redis + producer, CPU ms per picture",
-                round(cpu["redis_server"] + cpu["producer"], 3), "<=",
-                TARGETS["redis_producer_ms"]),
-        _target("(b) machine idle share (warm run)", pipeline["cpu"]["idle_share"], "<=",
-                TARGETS["idle_share"]),
+        _target(
+            "(a) default runtime / keras",
+            results["ratios"]["twin_over_keras"],
+            ">=",
+            TARGETS["twin_over_keras"] if fast_cpu() else 1.0,
+        ),
+        _target(
+            "cold start, worker command -> first batch (s)",
+            results["cold"]["seconds"],
+            "<=",
+            TARGETS["cold_start_s"],
+        ),
+        _target(
+            "label agreement with Keras f32 (a)",
+            results["agreement"]["label_agreement"],
+            ">=",
+            TARGETS["label_agreement"],
+        ),
+        _target(
+            "median |dp| against Keras f32 (a)",
+            results["agreement"]["median_abs_dp"],
+            "<=",
+            TARGETS["median_abs_dp"],
+        ),
+        _target(
+            "(b)/(a), default runtime",
+            results["ratios"]["b_over_a"],
+            ">=",
+            TARGETS["b_over_a_default"],
+        ),
+        _target(
+            "(b) worker main process, CPU ms per picture",
+            cpu["worker_main"],
+            "<=",
+            TARGETS["worker_main_ms"],
+        ),
+        _target(
+            "(b) Redis + producer, CPU ms per picture",
+            round(cpu["redis_server"] + cpu["producer"], 3),
+            "<=",
+            TARGETS["redis_producer_ms"],
+        ),
+        _target(
+            "(b) machine idle share (warm run)",
+            pipeline["cpu"]["idle_share"],
+            "<=",
+            TARGETS["idle_share"],
+        ),
         _target("(b)/(c)", results["ratios"]["b_over_c"], ">=", TARGETS["b_over_c"]),
-        *([_target(f"(d)/(b): S3, {results['s3']['delay_ms']:g} ms per request",
-                   results["ratios"]["d_over_b"], ">=", TARGETS["d_over_b"])]
-          if "s3" in results else []),
+        *(
+            [
+                _target(
+                    f"(d)/(b): S3, {results['s3']['delay_ms']:g} ms per request",
+                    results["ratios"]["d_over_b"],
+                    ">=",
+                    TARGETS["d_over_b"],
+                )
+            ]
+            if "s3" in results
+            else []
+        ),
         _target("worker peak RSS per process (MB)", worker_rss, "<=", TARGETS["worker_rss_mb"]),
-        _target("model loads = worker processes", pipeline["model_loads"], "==",
-                pipeline["worker_processes"]),
-        _target(f"enqueue {results['enqueue']['userids']:,} userids (/s)",
-                results["enqueue"]["per_second"], ">=", TARGETS["enqueue_per_s"]),
-        _target(f"collect {collected['predictions']:,} predictions (s)", collected["seconds"],
-                "<=", TARGETS["collect_s"]),
-        _target("Redis bytes per prediction (INFO memory)",
-                collected["info_bytes_per_prediction"], "<=",
-                TARGETS["redis_bytes_per_prediction"]),
+        _target(
+            "model loads = worker processes",
+            pipeline["model_loads"],
+            "==",
+            pipeline["worker_processes"],
+        ),
+        _target(
+            f"enqueue {results['enqueue']['userids']:,} userids (/s)",
+            results["enqueue"]["per_second"],
+            ">=",
+            TARGETS["enqueue_per_s"],
+        ),
+        _target(
+            f"collect {collected['predictions']:,} predictions (s)",
+            collected["seconds"],
+            "<=",
+            TARGETS["collect_s"],
+        ),
+        _target(
+            "Redis bytes per prediction (INFO memory)",
+            collected["info_bytes_per_prediction"],
+            "<=",
+            TARGETS["redis_bytes_per_prediction"],
+        ),
     ]
 
 
@@ -602,27 +791,37 @@ def table(results: dict[str, Any]) -> str:
         "warm: every process has its model loaded (as on any night after the first); cold: the",
         "model load and TensorFlow's import included.",
         f"{'measure (warm)':<52} {'pictures':>8} {'seconds':>8} {'img/s':>8}  cold",
-        _row(f"(a) score --local, keras ({results['local_keras']['served_by']})",
-             results["local_keras"])
+        _row(
+            f"(a) score --local, keras ({results['local_keras']['served_by']})",
+            results["local_keras"],
+        )
         + f"  {results['local_keras']['cold_seconds']:.2f} s, "
         f"{results['local_keras']['cold_images_per_s']} img/s",
         _row(f"(a) score --local, default ({local['served_by']})", local)
         + f"  {local['cold_seconds']:.2f} s, {local['cold_images_per_s']} img/s",
-        _row("(b) score -> workers -> collect (first enqueue->CSV)", pipe)
-        + f"  {_warmup(pipe)}",
+        _row("(b) score -> workers -> collect (first enqueue->CSV)", pipe) + f"  {_warmup(pipe)}",
         _row("(a) score --local, default, again right after (b)", results["local_after"]),
-        _row("(c) naive: one task + model.predict per picture", naive)
-        + f"  {_warmup(naive)}",
-        *([_row(f"(d) (b) from S3, +{results['s3']['delay_ms']:g} ms per request",
-                results["s3"]) + f"  {_warmup(results['s3'])}"] if "s3" in results else []),
+        _row("(c) naive: one task + model.predict per picture", naive) + f"  {_warmup(naive)}",
+        *(
+            [
+                _row(
+                    f"(d) (b) from S3, +{results['s3']['delay_ms']:g} ms per request", results["s3"]
+                )
+                + f"  {_warmup(results['s3'])}"
+            ]
+            if "s3" in results
+            else []
+        ),
         "",
         f"{'(b) at N, fresh workers each (warm)':<52} {'pictures':>8} {'seconds':>8} "
         f"{'img/s':>8}  collect s | worker peak RSS MB | cold",
     ]
     for run_result in results["scaling"]:
         rss = ", ".join(f"{v:.0f}" for v in run_result["worker_peak_rss_mb"].values())
-        lines.append(_row("", run_result) + f"  {run_result['collect_seconds']:>9.2f} | "
-                     f"{rss} | {_warmup(run_result)}")
+        lines.append(
+            _row("", run_result) + f"  {run_result['collect_seconds']:>9.2f} | "
+            f"{rss} | {_warmup(run_result)}"
+        )
     agree, ck, cd = results["agreement"], results["cold_keras"], results["cold"]
     lines += [
         "",
@@ -633,28 +832,42 @@ def table(results: dict[str, Any]) -> str:
         f"{agree['max_abs_dp']:.1e}",
         f"cold start (worker command -> first batch recorded): keras {ck['seconds']:.2f} s "
         f"({ck['served_by']}), default {cd['seconds']:.2f} s ({cd['served_by']})",
-        "twin precisions at export: " + "; ".join(
+        "twin precisions at export: "
+        + "; ".join(
             f"{p} {'passed' if c['passed'] else 'refused'}"
-            + (f" ({c['label_agreement']:.2%}, median {c['median_abs_dp']:.1e})"
-               if c.get("label_agreement") is not None else "")
-            for p, c in results["model"]["twin"].items()),
+            + (
+                f" ({c['label_agreement']:.2%}, median {c['median_abs_dp']:.1e})"
+                if c.get("label_agreement") is not None
+                else ""
+            )
+            for p, c in results["model"]["twin"].items()
+        ),
     ]
     if "peer_ray" in results:
         ray = results["peer_ray"]
-        lines += ["", f"peer: Ray Data {ray['ray']} map_batches, {ray['actors']} actors: "
-                  f"{ray['images_per_s']} img/s on {ray['pictures']:,} pictures (its actors' "
-                  f"start and model loads included; ray.init {ray['ray_init_seconds']} s apart), "
-                  f"peak PSS {ray['peak_pss_mb']:.0f} MB"
-                  f"; (b) {pipe['images_per_s']} img/s = "
-                  f"{pipe['images_per_s'] / ray['images_per_s']:.2f}x the peer; peer / (a) = "
-                  f"{ray['images_per_s'] / local['images_per_s']:.2f}"]
+        lines += [
+            "",
+            f"peer: Ray Data {ray['ray']} map_batches, {ray['actors']} actors: "
+            f"{ray['images_per_s']} img/s on {ray['pictures']:,} pictures (its actors' "
+            f"start and model loads included; ray.init {ray['ray_init_seconds']} s apart), "
+            f"peak PSS {ray['peak_pss_mb']:.0f} MB"
+            f"; (b) {pipe['images_per_s']} img/s = "
+            f"{pipe['images_per_s'] / ray['images_per_s']:.2f}x the peer; peer / (a) = "
+            f"{ray['images_per_s'] / local['images_per_s']:.2f}",
+        ]
     lines += ["", *cpu_table(results)]
     lines += ["", f"{'target':<52} {'value':>12} {'goal':>10}  met"]
     for t in results["targets"]:
-        value = (f"{t['value']:,}" if isinstance(t["value"], int)
-                 else f"{t['value']:.1e}" if abs(t["value"]) < 0.01 else f"{t['value']:,.2f}")
-        lines.append(f"{t['name']:<52} {value:>12} {t['target']:>10}  "
-                     f"{'yes' if t['met'] else 'NO'}")
+        value = (
+            f"{t['value']:,}"
+            if isinstance(t["value"], int)
+            else f"{t['value']:.1e}"
+            if abs(t["value"]) < 0.01
+            else f"{t['value']:,.2f}"
+        )
+        lines.append(
+            f"{t['name']:<52} {value:>12} {t['target']:>10}  {'yes' if t['met'] else 'NO'}"
+        )
     c, e = results["collect"], results["enqueue"]
     lines += [
         "",
@@ -672,29 +885,38 @@ def cpu_table(results: dict[str, Any]) -> list[str]:
     """CPU milliseconds per picture by component, and the machine's idle share (/proc)."""
     local, pipe, naive = results["local"], results["pipeline"], results["naive"]
     parts = ("pool_processes", "worker_main", "redis_server", "producer")
-    lines = [f"{'CPU ms per picture (warm run)':<36} {'pool':>7} {'main':>7} {'redis':>7} "
-             f"{'producer':>9} {'total':>7} {'idle':>6}",
-             f"{'(a) score --local (one process)':<36} {'':>7} {'':>7} {'':>7} "
-             f"{local['cpu_ms_per_picture']:>9.3f} {local['cpu_ms_per_picture']:>7.3f} "
-             f"{local['idle_share']:>6.1%}"]
+    lines = [
+        f"{'CPU ms per picture (warm run)':<36} {'pool':>7} {'main':>7} {'redis':>7} "
+        f"{'producer':>9} {'total':>7} {'idle':>6}",
+        f"{'(a) score --local (one process)':<36} {'':>7} {'':>7} {'':>7} "
+        f"{local['cpu_ms_per_picture']:>9.3f} {local['cpu_ms_per_picture']:>7.3f} "
+        f"{local['idle_share']:>6.1%}",
+    ]
     rows = [("(b) pipeline", pipe), ("(c) naive (producer not counted)", naive)]
     if "s3" in results:
         rows.append(("(d) pipeline from S3", results["s3"]))
     for name, result in rows:
         ms = result["cpu"]["ms_per_picture"]
-        lines.append(f"{name:<36} " + " ".join(f"{ms[k]:>{9 if k == 'producer' else 7}.3f}"
-                                              for k in parts)
-                     + f" {sum(ms.values()):>7.3f} {result['cpu']['idle_share']:>6.1%}")
+        lines.append(
+            f"{name:<36} "
+            + " ".join(f"{ms[k]:>{9 if k == 'producer' else 7}.3f}" for k in parts)
+            + f" {sum(ms.values()):>7.3f} {result['cpu']['idle_share']:>6.1%}"
+        )
     if "s3" in results:
-        lines.append(f"(d) the S3 store and the delaying proxy, on the same cores: "
-                     f"{results['s3']['store_and_proxy_cpu_ms_per_picture']:.3f} ms per picture")
-    lines.append(f"(b) producer start-up (imports), not per picture: "
-                 f"{pipe['cpu']['producer_startup_ms']:.0f} ms of CPU, once per command")
+        lines.append(
+            f"(d) the S3 store and the delaying proxy, on the same cores: "
+            f"{results['s3']['store_and_proxy_cpu_ms_per_picture']:.3f} ms per picture"
+        )
+    lines.append(
+        f"(b) producer start-up (imports), not per picture: "
+        f"{pipe['cpu']['producer_startup_ms']:.0f} ms of CPU, once per command"
+    )
     marginal = marginal_cpu(results["scaling"])
     if marginal:
-        lines.append(f"(b) marginal CPU ms per picture, {marginal['from']:,} -> {marginal['to']:,} "
-                     "pictures: " + ", ".join(f"{k} {v:.3f}" for k, v in
-                                              marginal["ms_per_picture"].items()))
+        lines.append(
+            f"(b) marginal CPU ms per picture, {marginal['from']:,} -> {marginal['to']:,} "
+            "pictures: " + ", ".join(f"{k} {v:.3f}" for k, v in marginal["ms_per_picture"].items())
+        )
     return lines
 
 
@@ -708,8 +930,11 @@ def marginal_cpu(scaling: list[dict[str, Any]]) -> dict[str, Any] | None:
     small, large = runs[0], runs[-1]
     extra = large["pictures"] - small["pictures"]
     before, after = small["cpu"]["cpu_seconds"], large["cpu"]["cpu_seconds"]
-    return {"from": small["pictures"], "to": large["pictures"], "ms_per_picture": {
-        k: round(1000 * (after[k] - before[k]) / extra, 3) for k in after}}
+    return {
+        "from": small["pictures"],
+        "to": large["pictures"],
+        "ms_per_picture": {k: round(1000 * (after[k] - before[k]) / extra, 3) for k in after},
+    }
 
 
 def _warmup(result: dict[str, Any]) -> str:
@@ -718,8 +943,10 @@ def _warmup(result: dict[str, Any]) -> str:
 
 
 def _row(name: str, result: dict[str, Any]) -> str:
-    return (f"{name:<52} {result['pictures']:>8,} {result['seconds']:>8.2f} "
-            f"{result['images_per_s']:>8.1f}")
+    return (
+        f"{name:<52} {result['pictures']:>8,} {result['seconds']:>8.2f} "
+        f"{result['images_per_s']:>8.1f}"
+    )
 
 
 def write_results(results: dict[str, Any], folder: Path) -> Path:
@@ -733,29 +960,51 @@ def write_results(results: dict[str, Any], folder: Path) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options (unset ones come from the plan: full or --quick)."""
     full, quick = Plan(), Plan.quick()
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--n", type=int, help=f"pictures for (a) and (b) ({full.n})")
-    parser.add_argument("--sizes", help="picture counts for the scaling runs of (b) "
-                        f"({','.join(map(str, full.sizes))})")
-    parser.add_argument("--naive-n", type=int,
-                        help=f"pictures for the naive baseline (c) ({full.naive_n})")
-    parser.add_argument("--enqueue", type=int,
-                        help=f"userids for the enqueue micro-benchmark ({full.enqueue_n:,})")
-    parser.add_argument("--collect", type=int,
-                        help=f"predictions for the collect micro-benchmark ({full.collect_n:,})")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {quick.n} small pictures, a {quick.model_size}x"
-                        f"{quick.model_size} model, small counts")
-    parser.add_argument("--s3-delay-ms", type=float,
-                        help="(d): latency added to every S3 request, ms (20; -1: no (d))")
-    parser.add_argument("--peers", action="store_true",
-                        help="also run Ray Data's batch-inference recipe (needs the "
-                        "bench-peers extra)")
-    parser.add_argument("--workdir", type=Path,
-                        help="keep pictures, model, CSVs and logs here (reused by the next run)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                        help="where the JSON goes (bench/results)")
+    parser.add_argument(
+        "--sizes",
+        help=f"picture counts for the scaling runs of (b) ({','.join(map(str, full.sizes))})",
+    )
+    parser.add_argument(
+        "--naive-n", type=int, help=f"pictures for the naive baseline (c) ({full.naive_n})"
+    )
+    parser.add_argument(
+        "--enqueue", type=int, help=f"userids for the enqueue micro-benchmark ({full.enqueue_n:,})"
+    )
+    parser.add_argument(
+        "--collect",
+        type=int,
+        help=f"predictions for the collect micro-benchmark ({full.collect_n:,})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {quick.n} small pictures, a {quick.model_size}x"
+        f"{quick.model_size} model, small counts",
+    )
+    parser.add_argument(
+        "--s3-delay-ms",
+        type=float,
+        help="(d): latency added to every S3 request, ms (20; -1: no (d))",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run Ray Data's batch-inference recipe (needs the bench-peers extra)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep pictures, model, CSVs and logs here (reused by the next run)",
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes (bench/results)"
+    )
     return parser.parse_args(argv)
 
 
@@ -781,7 +1030,8 @@ def use_private_prefix(workdir: Path, plan: Plan) -> str:
     os.environ["GENDERSCORE_KEY_PREFIX"] = prefix
     os.environ["GENDERSCORE_MODEL"] = str(
         MODELS_DIR / f"trained-{plan.profile}-{plan.model_size}-k{plan.model_kernel}"
-        f"-n{plan.train_count}-e{plan.train_epochs}.h5")
+        f"-n{plan.train_count}-e{plan.train_epochs}.h5"
+    )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "worker.settings" in sys.modules:
         raise RuntimeError("bench.run must set the environment before worker.settings loads")
@@ -791,8 +1041,11 @@ def use_private_prefix(workdir: Path, plan: Plan) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table, write the JSON; 0 when it completed."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     plan = plan_from(args)
     temporary = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="genderscore-bench-")) if temporary else args.workdir

@@ -81,7 +81,7 @@ def bench_listing(objects: int) -> None:
             started = time.perf_counter()
             step = 5000
             for start in range(0, objects, step):
-                chunk = names[start:start + step]
+                chunk = names[start : start + step]
                 fs.pipe({f"{BUCKET}/profiles/image/{n}": payload for n in chunk}, batch_size=256)
             print(f"uploaded {objects} objects in {time.perf_counter() - started:.1f} s")
             done.touch()
@@ -98,27 +98,36 @@ def bench_listing(objects: int) -> None:
             assert len(listing.pictures) == objects == len(wire), (label, len(listing.pictures))
             assert all(p.version for p in listing.pictures)
             results[label] = total
-            print(f"{label:10s} {objects} pictures: listed {listed:.2f} s, "
-                  f"+ wire form {total:.2f} s ({objects / total:,.0f}/s)")
+            print(
+                f"{label:10s} {objects} pictures: listed {listed:.2f} s, "
+                f"+ wire form {total:.2f} s ({objects / total:,.0f}/s)"
+            )
         # One plain listing, page after page (s3fs, as fsspec lists any store), for the ratio.
         import fsspec
 
-        stock, path = fsspec.core.url_to_fs(f"s3://{BUCKET}/profiles/image/",
-                                            use_listings_cache=False, skip_instance_cache=True)
+        stock, path = fsspec.core.url_to_fs(
+            f"s3://{BUCKET}/profiles/image/", use_listings_cache=False, skip_instance_cache=True
+        )
         started = time.perf_counter()
         assert len(stock.ls(path, detail=True)) == objects
         plain = time.perf_counter() - started
-        print(f"s3fs ls alone, page after page: {plain:.2f} s "
-              f"({plain / results['s3 prefix']:.1f}x the partitioned listing + wire form)")
+        print(
+            f"s3fs ls alone, page after page: {plain:.2f} s "
+            f"({plain / results['s3 prefix']:.1f}x the partitioned listing + wire form)"
+        )
         enqueue_s = _time_enqueue(store, f"s3://{BUCKET}/profiles/image/", objects)
         per_100k = results["s3 prefix"] * 100_000 / objects
-        print(f"s3 prefix / folder time: {results['s3 prefix'] / results['folder']:.2f}x; "
-              f"100,000 objects: {per_100k:.1f} s (target <= 10 s: "
-              f"{'met' if per_100k <= 10 else 'NOT met'})")
-        print(f"genderscore score <prefix> (listed and enqueued, no worker), {objects:,} "
-              f"objects: {enqueue_s:.1f} s, the command's start included "
-              f"(target <= 10 s for 100,000: "
-              f"{'met' if enqueue_s * 100_000 / objects <= 10 else 'NOT met'})")
+        print(
+            f"s3 prefix / folder time: {results['s3 prefix'] / results['folder']:.2f}x; "
+            f"100,000 objects: {per_100k:.1f} s (target <= 10 s: "
+            f"{'met' if per_100k <= 10 else 'NOT met'})"
+        )
+        print(
+            f"genderscore score <prefix> (listed and enqueued, no worker), {objects:,} "
+            f"objects: {enqueue_s:.1f} s, the command's start included "
+            f"(target <= 10 s for 100,000: "
+            f"{'met' if enqueue_s * 100_000 / objects <= 10 else 'NOT met'})"
+        )
 
 
 def _time_enqueue(store: S3Store, prefix: str, objects: int) -> float:
@@ -133,21 +142,28 @@ def _time_enqueue(store: S3Store, prefix: str, objects: int) -> float:
     if not model.exists():
         make_in_subprocess(model, 32, 3, 200, 1, "quick", bench_env())
     key_prefix = f"gsbench-list-{os.getpid()}"
-    env = bench_env(store.env() | {"GENDERSCORE_KEY_PREFIX": key_prefix,
-                                   "GENDERSCORE_MODEL": str(model)})
+    env = bench_env(
+        store.env() | {"GENDERSCORE_KEY_PREFIX": key_prefix, "GENDERSCORE_MODEL": str(model)}
+    )
     client = connect()
     meta = f"{key_prefix}:run:listing:meta"
     started = time.perf_counter()
     try:
         # Timed to the run's seal (every message published); the command then looks for
         # a consumer for 2 s, which is not enqueueing.
-        proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "score", prefix,
-                                 "--run-id", "listing"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "score", prefix, "--run-id", "listing"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         while client.hget(meta, "sealed") is None:
             if proc.poll() not in (None, 0) or time.perf_counter() - started > 600:
-                raise RuntimeError(f"score {prefix} failed: {proc.stderr.read()[-2000:]!r}"
-                                   if proc.stderr else "score failed")
+                raise RuntimeError(
+                    f"score {prefix} failed: {proc.stderr.read()[-2000:]!r}"
+                    if proc.stderr
+                    else "score failed"
+                )
             time.sleep(0.02)
         sealed = time.perf_counter() - started
         proc.wait(60)
@@ -161,9 +177,20 @@ def delay_proxy(store: S3Store, delay_ms: float) -> Iterator[str]:
     """``bench.delayproxy`` before the store; yields its endpoint URL."""
     port = free_ports(1)[0]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.delayproxy", "--listen", f"127.0.0.1:{port}",
-         "--upstream", f"{store.host}:{store.port}", "--delay-ms", str(delay_ms)],
-        cwd=ROOT, stdout=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "bench.delayproxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            f"{store.host}:{store.port}",
+            "--delay-ms",
+            str(delay_ms),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         wait_port("127.0.0.1", port, 15, proc)
         yield f"http://127.0.0.1:{port}"
@@ -195,8 +222,9 @@ def s3_with_latency(
             yield f"s3://{bucket}/image/", store.env() | {"AWS_ENDPOINT_URL": endpoint}
 
 
-def score_source(bench: Bench, source: str, count: int, label: str,
-                 env: dict[str, str]) -> dict[str, Any]:
+def score_source(
+    bench: Bench, source: str, count: int, label: str, env: dict[str, str]
+) -> dict[str, Any]:
     """One ``genderscore score SOURCE --wait --out`` run, timed as ``bench.run`` times (b):
     from the run's creation (first enqueue) to the CSV written."""
     from bench.pictures import userids
@@ -206,20 +234,28 @@ def score_source(bench: Bench, source: str, count: int, label: str,
 
     out = bench.workdir / f"{label}.csv"
     wait_s = 120 + count / 5
-    cmd = genderscore(["score", source, "--wait", "--out", str(out), "--timeout",
-                       f"{wait_s:.0f}"], env, bench.workdir, timeout=wait_s + 60)
+    cmd = genderscore(
+        ["score", source, "--wait", "--out", str(out), "--timeout", f"{wait_s:.0f}"],
+        env,
+        bench.workdir,
+        timeout=wait_s + 60,
+    )
     cmd.check(f"score --wait ({label})")
     run_id = cmd.stdout.strip().splitlines()[-1]
     meta = bench.client.hgetall(run_keys(run_id).meta)
     started = float(meta["started_at"])
     seconds = csv_written_at(out) - started
-    return {"pictures": count, "seconds": round(seconds, 2),
-            "images_per_s": round(count / seconds, 1),
-            **check_csv(out, userids(bench.pictures, count))}
+    return {
+        "pictures": count,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(count / seconds, 1),
+        **check_csv(out, userids(bench.pictures, count)),
+    }
 
 
-def bench_pipeline(pictures: int, delay_ms: float, quick: bool, repeats: int,
-                   concurrency: int | None) -> None:
+def bench_pipeline(
+    pictures: int, delay_ms: float, quick: bool, repeats: int, concurrency: int | None
+) -> None:
     """(b) the pipeline from the folder against (d) from S3 with latency, side by side.
 
     One worker (the project's default settings, plus the AWS_* variables of the store)
@@ -243,9 +279,12 @@ def bench_pipeline(pictures: int, delay_ms: float, quick: bool, repeats: int,
     try:
         with s3_with_latency(folder, delay_ms) as (url, s3_env):
             env = bench_env(s3_env)
-            with tempfile.TemporaryDirectory() as logs, celery_worker(
-                "worker", "score", "bench-sources", env, Path(logs) / "worker.log", args
-            ) as worker:
+            with (
+                tempfile.TemporaryDirectory() as logs,
+                celery_worker(
+                    "worker", "score", "bench-sources", env, Path(logs) / "worker.log", args
+                ) as worker,
+            ):
                 warm_n = warmup_size(bench, len(worker.pool_pids()))
                 score_source(bench, str(bench.folder(warm_n)), warm_n, "warmup", env)
                 for n in range(repeats):
@@ -260,22 +299,28 @@ def bench_pipeline(pictures: int, delay_ms: float, quick: bool, repeats: int,
         delete_prefix(bench.client, f"{prefix}:")
     from worker.settings import settings
 
-    print(f"{pictures} pictures ({plan.profile} profile, model {plan.model_size}x"
-          f"{plan.model_size}), one worker of {processes} pool processes, fetch concurrency "
-          f"{settings.fetch_concurrency} per process; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"{pictures} pictures ({plan.profile} profile, model {plan.model_size}x"
+        f"{plan.model_size}), one worker of {processes} pool processes, fetch concurrency "
+        f"{settings.fetch_concurrency} per process; load average {os.getloadavg()[0]:.2f}"
+    )
     for kind, label in (("b", "(b) folder"), ("d", f"(d) S3 + {delay_ms:g} ms/request")):
         rates = ", ".join(f"{r['images_per_s']:.1f}" for r in runs[kind])
         print(f"{label:28s} pictures/s per run: {rates}")
     # Each (d) against the (b) just before it: a change of load hits a pair less than two
     # runs far apart.
     serving = statistics.median(r["serving_cpu_ms"] for r in runs["d"])
-    print(f"(d): the store and the proxy, on the same cores, took {serving:.1f} ms of CPU "
-          "per picture (median of the runs): a store on its own host would not")
+    print(
+        f"(d): the store and the proxy, on the same cores, took {serving:.1f} ms of CPU "
+        "per picture (median of the runs): a store on its own host would not"
+    )
     pairs = zip(runs["b"], runs["d"], strict=True)
     ratios = [d["images_per_s"] / b["images_per_s"] for b, d in pairs]
     middle = statistics.median(ratios)
-    print(f"(d)/(b) per pair: {', '.join(f'{r:.2f}' for r in ratios)}; median {middle:.2f} "
-          f"(target >= 0.9: {'met' if middle >= 0.9 else 'NOT met'})")
+    print(
+        f"(d)/(b) per pair: {', '.join(f'{r:.2f}' for r in ratios)}; median {middle:.2f} "
+        f"(target >= 0.9: {'met' if middle >= 0.9 else 'NOT met'})"
+    )
 
 
 def serving_cpu() -> float:
@@ -331,15 +376,18 @@ def bench_fetch(pictures: int, delay_ms: float, concurrency: int) -> None:
     folder = FolderSource(pics.folder)
     listing = list_source(folder, (".jpg",))
     refs = listing.pictures[:pictures]
-    print(f"{len(refs)} bench pictures, {pics.total_bytes / pics.count / 1024:.0f} KiB each "
-          f"on average, preprocessed to 150x150")
+    print(
+        f"{len(refs)} bench pictures, {pics.total_bytes / pics.count / 1024:.0f} KiB each "
+        f"on average, preprocessed to 150x150"
+    )
     base = FetchPolicy.from_settings()
     with s3_store() as store:
         _use_store(store)
         fs = store.filesystem()
         fs.mkdir(BUCKET)
-        fs.put([str(pics.folder / r.name) for r in refs],
-               [f"{BUCKET}/image/{r.name}" for r in refs])
+        fs.put(
+            [str(pics.folder / r.name) for r in refs], [f"{BUCKET}/image/{r.name}" for r in refs]
+        )
         prefix = PrefixSource(f"s3://{BUCKET}/image/")
         s3_refs = list_source(prefix, (".jpg",)).pictures
         rates: dict[str, tuple[float, float, float]] = {}
@@ -350,21 +398,27 @@ def bench_fetch(pictures: int, delay_ms: float, concurrency: int) -> None:
             with delay_proxy(store, delay_ms) as endpoint:
                 os.environ["AWS_ENDPOINT_URL"] = endpoint
                 rates[f"s3+{delay_ms:g}ms c={workers}"] = _fetch_and_prepare(
-                    prefix, s3_refs, policy, store)
+                    prefix, s3_refs, policy, store
+                )
                 os.environ["AWS_ENDPOINT_URL"] = store.endpoint
         print("(fetch + preprocess only; CPU: this process and the S3 server, per picture)")
         for workers in (concurrency, 1):
             ref_rate = rates[f"folder c={workers}"][0]
             for label, (rate, own, served) in rates.items():
                 if label.endswith(f"c={workers}"):
-                    print(f"{label:22s} {rate:8.1f} pictures/s   {rate / ref_rate:.2f}x folder   "
-                          f"cpu {own:.2f} ms + store {served:.2f} ms")
+                    print(
+                        f"{label:22s} {rate:8.1f} pictures/s   {rate / ref_rate:.2f}x folder   "
+                        f"cpu {own:.2f} ms + store {served:.2f} ms"
+                    )
 
 
 def main() -> None:
     """Command line: see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench.sources", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sources",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     listing = sub.add_parser("listing")
     listing.add_argument("--objects", type=int, default=100_000)
@@ -385,8 +439,9 @@ def main() -> None:
     elif args.what == "fetch":
         bench_fetch(args.pictures, args.delay_ms, args.concurrency)
     else:
-        bench_pipeline(args.pictures, args.delay_ms, args.quick, args.repeats,
-                       args.worker_concurrency)
+        bench_pipeline(
+            args.pictures, args.delay_ms, args.quick, args.repeats, args.worker_concurrency
+        )
 
 
 if __name__ == "__main__":

@@ -57,33 +57,67 @@ def configs(cores: int) -> list[Config]:
     return [
         Config("default", "the project's defaults (prefork, one process per core)"),
         Config("c1", "one process using every core for TensorFlow", args=("-c", "1")),
-        Config("tf-oversubscribed", f"{cores} TensorFlow threads in each of {cores} processes",
-               env={"GENDERSCORE_TF_THREADS": all_cores}),
-        Config("batch16", "small forward passes (less memory)",
-               env={"GENDERSCORE_BATCH_SIZE": "16"}),
+        Config(
+            "tf-oversubscribed",
+            f"{cores} TensorFlow threads in each of {cores} processes",
+            env={"GENDERSCORE_TF_THREADS": all_cores},
+        ),
+        Config(
+            "batch16", "small forward passes (less memory)", env={"GENDERSCORE_BATCH_SIZE": "16"}
+        ),
         Config("batch32", "smaller forward passes", env={"GENDERSCORE_BATCH_SIZE": "32"}),
         Config("batch128", "larger forward passes", env={"GENDERSCORE_BATCH_SIZE": "128"}),
-        Config("prefetch2", "2 batches prefetched per process, one in the pool",
-               env={"GENDERSCORE_PREFETCH_BATCHES": "2", "GENDERSCORE_POOL_BATCHES": "1"}),
-        Config("prefetch6", "6 batches prefetched per process",
-               env={"GENDERSCORE_PREFETCH_BATCHES": "6"}),
-        Config("pool1", "one batch per pool process at a time (Celery's -O fair)",
-               env={"GENDERSCORE_POOL_BATCHES": "1"}),
-        Config("pool2-prefetch4", "the next batch in hand and 4 batches prefetched per "
-               "process", env={"GENDERSCORE_PREFETCH_BATCHES": "4"}),
-        Config("flush0.1", "partial batches flushed after 0.1 s",
-               env={"GENDERSCORE_FLUSH_INTERVAL": "0.1"}),
-        Config("flush2", "partial batches flushed after 2 s",
-               env={"GENDERSCORE_FLUSH_INTERVAL": "2"}),
-        Config("events-message", "three Celery task events per picture (Flower's per-task "
-               "view), instead of one summary per batch",
-               env={"GENDERSCORE_TASK_EVENTS": "message"}),
-        Config("kombu-transport", "kombu's stock Redis transport (one BRPOP per message)",
-               app="bench.plainkombu"),
-        Config("solo", "no pool: the main process scores",
-               env={"GENDERSCORE_TF_THREADS": all_cores}, args=("--pool", "solo")),
-        Config("threads", f"a thread pool of {cores}, one TensorFlow runtime",
-               env={"GENDERSCORE_TF_THREADS": all_cores}, args=("--pool", "threads")),
+        Config(
+            "prefetch2",
+            "2 batches prefetched per process, one in the pool",
+            env={"GENDERSCORE_PREFETCH_BATCHES": "2", "GENDERSCORE_POOL_BATCHES": "1"},
+        ),
+        Config(
+            "prefetch6",
+            "6 batches prefetched per process",
+            env={"GENDERSCORE_PREFETCH_BATCHES": "6"},
+        ),
+        Config(
+            "pool1",
+            "one batch per pool process at a time (Celery's -O fair)",
+            env={"GENDERSCORE_POOL_BATCHES": "1"},
+        ),
+        Config(
+            "pool2-prefetch4",
+            "the next batch in hand and 4 batches prefetched per process",
+            env={"GENDERSCORE_PREFETCH_BATCHES": "4"},
+        ),
+        Config(
+            "flush0.1",
+            "partial batches flushed after 0.1 s",
+            env={"GENDERSCORE_FLUSH_INTERVAL": "0.1"},
+        ),
+        Config(
+            "flush2", "partial batches flushed after 2 s", env={"GENDERSCORE_FLUSH_INTERVAL": "2"}
+        ),
+        Config(
+            "events-message",
+            "three Celery task events per picture (Flower's per-task "
+            "view), instead of one summary per batch",
+            env={"GENDERSCORE_TASK_EVENTS": "message"},
+        ),
+        Config(
+            "kombu-transport",
+            "kombu's stock Redis transport (one BRPOP per message)",
+            app="bench.plainkombu",
+        ),
+        Config(
+            "solo",
+            "no pool: the main process scores",
+            env={"GENDERSCORE_TF_THREADS": all_cores},
+            args=("--pool", "solo"),
+        ),
+        Config(
+            "threads",
+            f"a thread pool of {cores}, one TensorFlow runtime",
+            env={"GENDERSCORE_TF_THREADS": all_cores},
+            args=("--pool", "threads"),
+        ),
     ]
 
 
@@ -93,6 +127,7 @@ def _no_draft() -> Iterator[None]:
     from PIL import JpegImagePlugin
 
     original = JpegImagePlugin.JpegImageFile.draft
+
     def full_size(self: Any, mode: str | None, size: tuple[int, int] | None) -> None:
         return None
 
@@ -121,23 +156,35 @@ def decode_cost(bench: Bench, count: int = 300) -> dict[str, Any]:
     with_draft = min(per_picture() for _ in range(2))
     with _no_draft():
         without = min(per_picture() for _ in range(2))
-    return {"pictures": len(blobs), "ms_with_draft": round(with_draft, 2),
-            "ms_without_draft": round(without, 2), "speedup": round(without / with_draft, 2)}
+    return {
+        "pictures": len(blobs),
+        "ms_with_draft": round(with_draft, 2),
+        "ms_without_draft": round(without, 2),
+        "speedup": round(without / with_draft, 2),
+    }
 
 
-def inference_cost(bench: Bench, batches: tuple[int, ...],
-                   threads: tuple[int, ...]) -> list[Any]:
+def inference_cost(bench: Bench, batches: tuple[int, ...], threads: tuple[int, ...]) -> list[Any]:
     """Forward-pass cost and peak RSS by batch size and TensorFlow threads."""
     from bench.infer import measure_in_subprocess
     from bench.procs import bench_env
 
-    return [measure_in_subprocess(bench.model, batch, count, bench_env())
-            for count in threads for batch in batches]
+    return [
+        measure_in_subprocess(bench.model, batch, count, bench_env())
+        for count in threads
+        for batch in batches
+    ]
 
 
-def tune(bench: Bench, chosen: list[Config], repeat: int, collect_n: int,
-         batches: tuple[int, ...], threads: tuple[int, ...],
-         pipeline_only: bool = False) -> dict[str, Any]:
+def tune(
+    bench: Bench,
+    chosen: list[Config],
+    repeat: int,
+    collect_n: int,
+    batches: tuple[int, ...],
+    threads: tuple[int, ...],
+    pipeline_only: bool = False,
+) -> dict[str, Any]:
     """Measure every chosen configuration; return the results."""
     from bench.micro import collect
 
@@ -154,15 +201,26 @@ def tune(bench: Bench, chosen: list[Config], repeat: int, collect_n: int,
             log.info("--- %s (%d/%d): %s", config.name, attempt + 1, repeat, config.why)
             try:
                 by_config[config.name].append(
-                    measure_pipeline(bench, n, f"tune-{config.name}-{attempt}",
-                                     config.env, config.args, config.app))
+                    measure_pipeline(
+                        bench,
+                        n,
+                        f"tune-{config.name}-{attempt}",
+                        config.env,
+                        config.args,
+                        config.app,
+                    )
+                )
             except RuntimeError as exc:
                 log.error("%s failed: %s", config.name, str(exc)[-500:])
     rows = []
     for config in chosen:
         runs = by_config[config.name]
-        row: dict[str, Any] = {"name": config.name, "why": config.why, "env": config.env,
-                               "args": list(config.args)}
+        row: dict[str, Any] = {
+            "name": config.name,
+            "why": config.why,
+            "env": config.env,
+            "args": list(config.args),
+        }
         if runs:
             rates = [r["images_per_s"] for r in runs]
             best = runs[rates.index(max(rates))]
@@ -171,7 +229,8 @@ def tune(bench: Bench, chosen: list[Config], repeat: int, collect_n: int,
                 "images_per_s_runs": rates,
                 "b_over_a": round(statistics.median(rates) / local["images_per_s"], 3),
                 "max_worker_rss_mb": max(max(r["worker_peak_rss_mb"].values()) for r in runs),
-                "model_loads": best["model_loads"], "worker_processes": best["worker_processes"],
+                "model_loads": best["model_loads"],
+                "worker_processes": best["worker_processes"],
                 "collect_seconds": best["collect_seconds"],
                 # CPU ms per picture by component (the median run's figures)
                 "cpu_ms": statistics_by_key([r["cpu"]["ms_per_picture"] for r in runs]),
@@ -209,24 +268,38 @@ def table(results: dict[str, Any]) -> str:
         f"{'main ms':>7} {'redis ms':>8} {'idle':>5}  settings",
     ]
     for row in results["configs"]:
-        settings = " ".join([*(f"{k.removeprefix('GENDERSCORE_')}={v}" for k, v in
-                               row["env"].items()), *row["args"]]) or "-"
+        settings = (
+            " ".join(
+                [
+                    *(f"{k.removeprefix('GENDERSCORE_')}={v}" for k, v in row["env"].items()),
+                    *row["args"],
+                ]
+            )
+            or "-"
+        )
         if row.get("failed"):
             lines.append(f"{row['name']:<18} {'failed':>7}  {settings}")
             continue
         loads = f"{row['model_loads']}/{row['worker_processes']}"
-        lines.append(f"{row['name']:<18} {row['images_per_s']:>7.1f} {row['b_over_a']:>8.2f} "
-                     f"{row['max_worker_rss_mb']:>7.0f} {loads:>6} "
-                     f"{row['cpu_ms']['worker_main']:>7.3f} {row['cpu_ms']['redis_server']:>8.3f} "
-                     f"{row['idle_share']:>5.1%}  {settings}")
+        lines.append(
+            f"{row['name']:<18} {row['images_per_s']:>7.1f} {row['b_over_a']:>8.2f} "
+            f"{row['max_worker_rss_mb']:>7.0f} {loads:>6} "
+            f"{row['cpu_ms']['worker_main']:>7.3f} {row['cpu_ms']['redis_server']:>8.3f} "
+            f"{row['idle_share']:>5.1%}  {settings}"
+        )
     if "inference" not in results:
         return "\n".join(lines)
-    lines += ["", f"{'forward pass':<18} {'ms/picture':>10} {'peak RSS MB':>12}  "
-              "(TensorFlow alone / with the model)"]
+    lines += [
+        "",
+        f"{'forward pass':<18} {'ms/picture':>10} {'peak RSS MB':>12}  "
+        "(TensorFlow alone / with the model)",
+    ]
     for row in results["inference"]:
-        lines.append(f"{'batch ' + str(row['batch']) + ', ' + str(row['threads']) + ' thr':<18} "
-                     f"{row['ms_per_picture']:>10.2f} {row['peak_rss_mb']:>12.0f}  "
-                     f"({row['rss_mb_tensorflow']:.0f} / {row['rss_mb_model']:.0f})")
+        lines.append(
+            f"{'batch ' + str(row['batch']) + ', ' + str(row['threads']) + ' thr':<18} "
+            f"{row['ms_per_picture']:>10.2f} {row['peak_rss_mb']:>12.0f}  "
+            f"({row['rss_mb_tensorflow']:.0f} / {row['rss_mb_model']:.0f})"
+        )
     d, c = results["decode"], results["collect_pages"]
     pages = ", ".join(f"{k}: {v} s" for k, v in c["seconds_by_scan_count"].items())
     lines += [
@@ -242,23 +315,39 @@ def main(argv: list[str] | None = None) -> int:
     """Run the tuning measurements; print the table, write the JSON."""
     cores = len(os.sched_getaffinity(0))
     known = {c.name: c for c in configs(cores)}
-    parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--n", type=int, default=1000, help="pictures per run (1000)")
-    parser.add_argument("--configs", default=",".join(known),
-                        help=f"which configurations ({','.join(known)})")
+    parser.add_argument(
+        "--configs", default=",".join(known), help=f"which configurations ({','.join(known)})"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
-    parser.add_argument("--collect", type=int, default=200_000,
-                        help="predictions for the HSCAN page-size runs (200,000)")
-    parser.add_argument("--batches", default="16,32,64,128",
-                        help="batch sizes for the forward-pass measurements (16,32,64,128)")
-    parser.add_argument("--tf-threads", default=",".join(map(str, sorted({1, cores}))),
-                        help="TensorFlow threads for the forward-pass measurements "
-                        f"({','.join(map(str, sorted({1, cores})))})")
+    parser.add_argument(
+        "--collect",
+        type=int,
+        default=200_000,
+        help="predictions for the HSCAN page-size runs (200,000)",
+    )
+    parser.add_argument(
+        "--batches",
+        default="16,32,64,128",
+        help="batch sizes for the forward-pass measurements (16,32,64,128)",
+    )
+    parser.add_argument(
+        "--tf-threads",
+        default=",".join(map(str, sorted({1, cores}))),
+        help="TensorFlow threads for the forward-pass measurements "
+        f"({','.join(map(str, sorted({1, cores})))})",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny pictures and model")
-    parser.add_argument("--pipeline-only", action="store_true",
-                        help="only (a) and the configurations: no forward-pass, decoding or "
-                        "collect measurements")
+    parser.add_argument(
+        "--pipeline-only",
+        action="store_true",
+        help="only (a) and the configurations: no forward-pass, decoding or collect measurements",
+    )
     parser.add_argument("--workdir", type=Path, help="keep pictures and model here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -266,11 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}: choose from {sorted(known)}")
     chosen = [known[name] for name in args.configs.split(",")]
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     base = Plan.quick() if args.quick else Plan()
-    plan = Plan(n=args.n, sizes=(args.n,), naive_n=1, model_size=base.model_size,
-                model_kernel=base.model_kernel, profile=base.profile)
+    plan = Plan(
+        n=args.n,
+        sizes=(args.n,),
+        naive_n=1,
+        model_size=base.model_size,
+        model_kernel=base.model_kernel,
+        profile=base.profile,
+    )
     temporary = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="genderscore-tune-")) if temporary else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -285,12 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = machine()
         bench = setup(plan, workdir)
-        results = {"started_at": started_at, "machine": info, "key_prefix": prefix,
-                   "model_input": f"{plan.model_size}x{plan.model_size}"}
+        results = {
+            "started_at": started_at,
+            "machine": info,
+            "key_prefix": prefix,
+            "model_input": f"{plan.model_size}x{plan.model_size}",
+        }
         batches = tuple(int(b) for b in args.batches.split(",") if b)
         threads = tuple(int(t) for t in args.tf_threads.split(",") if t)
-        results |= tune(bench, chosen, args.repeat, args.collect, batches, threads,
-                        args.pipeline_only)
+        results |= tune(
+            bench, chosen, args.repeat, args.collect, batches, threads, args.pipeline_only
+        )
     finally:
         delete_prefix(client, f"{prefix}:")
         if temporary:

@@ -39,9 +39,7 @@ class _Results:
             if isinstance(outcome, Failed):
                 self.errors[outcome.userid] = outcome.reason
             else:
-                self.predictions[outcome.userid] = Prediction(
-                    outcome.p_female, outcome.gender, now
-                )
+                self.predictions[outcome.userid] = Prediction(outcome.p_female, outcome.gender, now)
 
     def run_data(self, model_path: Path, model_sha: str, source: str, total: int) -> RunData:
         """The local run as a run's data, for the collector's writers."""

@@ -195,9 +195,7 @@ def choose_precision(
                 f"(OpenVINO capabilities: {', '.join(capabilities or [])})"
             )
         return check_precision(wanted)
-    candidates = [
-        p for p in SPEED_ORDER if (c := twin.precisions.get(p)) is not None and c.passed
-    ]
+    candidates = [p for p in SPEED_ORDER if (c := twin.precisions.get(p)) is not None and c.passed]
     candidates = [p for p in candidates if p in native]
     speeds = {p: twin.precisions[p].ms_per_picture for p in candidates}
     if candidates and all(ms is not None for ms in speeds.values()):

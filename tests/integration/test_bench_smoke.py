@@ -109,7 +109,10 @@ def test_quick_benchmark_reports_every_figure(
     for measure in ("pipeline", "naive", "s3"):
         cpu = result[measure]["cpu"]
         assert set(cpu["ms_per_picture"]) == {
-            "worker_main", "pool_processes", "redis_server", "producer"
+            "worker_main",
+            "pool_processes",
+            "redis_server",
+            "producer",
         }, measure
         assert cpu["ms_per_picture"]["pool_processes"] > 0, measure
         assert cpu["ms_per_picture"]["worker_main"] > 0, measure

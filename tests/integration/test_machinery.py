@@ -179,8 +179,9 @@ def _queue_with(conn: Connection, count: int) -> Queue:
     queue = Queue("machinery", Exchange("machinery", type="direct"), routing_key="machinery")
     with conn.Producer() as producer:
         for n in range(count):
-            producer.publish({"n": n}, exchange=queue.exchange, routing_key="machinery",
-                             declare=[queue])
+            producer.publish(
+                {"n": n}, exchange=queue.exchange, routing_key="machinery", declare=[queue]
+            )
     return queue
 
 

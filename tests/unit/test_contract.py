@@ -155,9 +155,15 @@ def test_queue_entries_and_message_bodies_are_read_as_kombu_reads_them() -> None
     task = ScoreTask("20261127-000000-abcd", "user_1", "/p/user_1.jpg", "/m.h5", "a" * 64, "e1")
     plain = TaskMessages(app).redis_entry(task)
     body = dumps([["run", "user_1", "/p/user_1.jpg"], {}, {"callbacks": None}])
-    typed = dumps({"headers": {"eta": datetime.datetime(2026, 11, 27, 1, 2, 3),
-                               "id": uuid.UUID("7c9e6679-7425-40de-944b-e07fc1f90ae7")},
-                   "body": "e30="})
+    typed = dumps(
+        {
+            "headers": {
+                "eta": datetime.datetime(2026, 11, 27, 1, 2, 3),
+                "id": uuid.UUID("7c9e6679-7425-40de-944b-e07fc1f90ae7"),
+            },
+            "body": "e30=",
+        }
+    )
     escaped = typed.replace('"__type__"', '"\\u005f_type__"')
     huge = '{"headers": {"retries": 100000000000000000000000}, "body": ""}'
     accented = '["r\u00e9mi", "rémi", 1.5e300]'
