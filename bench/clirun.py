@@ -5,17 +5,20 @@
 command's start (after Python's own start-up and the CLI's imports) with the CPU the
 process has used by then, and ``bench-clirun-model-loaded <unix time>`` the end of
 each ``worker.model.load_bundle`` call, so the benchmark can time ``--local`` with and
-without TensorFlow's import and the model load. Observing only: nothing else changes.
+without TensorFlow's import and the model load; ``bench-clirun-peak-kib <KiB>``, as it
+exits, the process's peak resident memory (``VmHWM``). Observing only: nothing else
+changes.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from typing import Any
 
-from bench.procs import LOADED_MARK, START_MARK
+from bench.procs import LOADED_MARK, PEAK_MARK, START_MARK, memory_kib
 
 
 def main() -> None:
@@ -33,7 +36,11 @@ def main() -> None:
 
     worker.model.load_bundle = stamped  # producer.local imports it when it runs
     print(f"{START_MARK} {time.time():.6f} {time.process_time():.4f}", file=sys.stderr, flush=True)
-    genderscore(sys.argv[1:], prog_name="genderscore")
+    try:
+        genderscore(sys.argv[1:], prog_name="genderscore")
+    finally:  # click ends with SystemExit
+        peak = memory_kib(os.getpid()).get("VmHWM", 0)
+        print(f"{PEAK_MARK} {peak}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

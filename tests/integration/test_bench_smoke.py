@@ -185,3 +185,15 @@ def test_quick_tuning_runs(redis_client: redis.Redis, workdir: Path, tmp_path: P
     assert set(result["collect_pages"]["seconds_by_scan_count"]) == {"100", "1000", "5000", "20000"}
     assert "default" in proc.stdout and "forward pass" in proc.stdout
     assert_no_keys(redis_client, result["key_prefix"])
+
+
+def test_a_commands_peak_memory_is_its_own_not_the_benchmarks(tmp_path: Path) -> None:
+    # Linux starts an exec'd child's ru_maxrss at its spawner's RSS: a benchmark grown
+    # to 600 MB would report every command after as at least 600 MB.
+    from bench.procs import genderscore, memory_kib
+
+    grown = bytearray(b"\1") * (600 * 2**20)  # written, so resident
+    assert memory_kib(os.getpid())["VmRSS"] > 600 * 1024
+    result = genderscore(["--help"], bench_env(), tmp_path, timeout=60).check("genderscore --help")
+    assert 10 < result.max_rss_mb < 400, result.max_rss_mb
+    del grown
