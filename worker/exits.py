@@ -35,11 +35,7 @@ class ExitCode(IntEnum):
 class Failure(click.ClickException):
     """A failure the user can act on: one line, and the exit code of its kind."""
 
-    code = ExitCode.FAILED
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = int(self.code)
+    exit_code = ExitCode.FAILED  # a class variable of click's (8.5: ClassVar)
 
     def show(self, file: object = None) -> None:
         """One line: ``Error: ...`` on stderr, or a JSON log record with JSON logs."""
@@ -56,22 +52,22 @@ class Failure(click.ClickException):
 class BadInput(Failure):
     """Usage or input the command refuses (exit 2)."""
 
-    code = ExitCode.BAD_INPUT
+    exit_code = ExitCode.BAD_INPUT
 
 
 class Unreachable(Failure):
     """Redis, the broker or the object store did not answer (exit 3)."""
 
-    code = ExitCode.UNREACHABLE
+    exit_code = ExitCode.UNREACHABLE
 
 
 class Incomplete(Failure):
     """The run is not complete, or waiting for it timed out (exit 4)."""
 
-    code = ExitCode.INCOMPLETE
+    exit_code = ExitCode.INCOMPLETE
 
 
 class ModelProblem(Failure):
     """The model cannot be used (exit 5)."""
 
-    code = ExitCode.MODEL
+    exit_code = ExitCode.MODEL
