@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -412,12 +413,19 @@ def load_settings() -> Settings:
     """
     folder = _secrets_dir(os.environ)
     try:
-        return Settings(_secrets_dir=folder)
+        with warnings.catch_warnings():
+            # pydantic-settings skips, with only a warning, a secret file it will not read
+            # (one that resolves outside the folder, a folder by a setting's name): the
+            # setting would silently fall back to its default.
+            warnings.filterwarnings("error", "attempted to load secret file", UserWarning)
+            return Settings(_secrets_dir=folder)
     except ValidationError as exc:
         problems = "; ".join(_problem(err) for err in exc.errors())
         raise SettingsError(f"invalid genderscore settings: {problems}") from None
-    except SourceError as exc:  # a secret file this user may not read
+    except SourceError as exc:  # a secret file this user may not read, or one it would skip
         cause = exc.__cause__
+        if isinstance(cause, UserWarning):
+            raise SettingsError(f"invalid genderscore settings: {cause}") from None
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
         field = re.search(r'field "(\w+)"', str(exc))
         name = env_name(field.group(1)) if field else "a file"

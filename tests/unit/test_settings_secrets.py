@@ -6,6 +6,10 @@ the environment wins over its file.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,9 +74,64 @@ def test_a_missing_or_unreadable_secrets_folder_is_one_clear_error(
     monkeypatch.setenv("GENDERSCORE_SECRETS_DIR", str(secrets / "absent"))
     with pytest.raises(SettingsError, match="GENDERSCORE_SECRETS_DIR=.*absent.*no such folder"):
         load_settings()
-    monkeypatch.setenv("GENDERSCORE_SECRETS_DIR", str(secrets))
-    # A file that cannot be read, for root too: /proc/self/mem fails at offset 0 (EIO).
-    (secrets / "GENDERSCORE_REDIS_URL").symlink_to("/proc/self/mem")
-    unreadable = "cannot read GENDERSCORE_REDIS_URL of GENDERSCORE_SECRETS_DIR=.*Input/output"
-    with pytest.raises(SettingsError, match=unreadable):
+
+
+def _load_settings_as_nobody() -> str:
+    """``load_settings()`` in a forked child that runs as nobody when this runs as root."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+            try:
+                said = f"loaded {load_settings().redis_url}"
+            except SettingsError as exc:
+                said = str(exc)
+            os.write(write, said.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as said:
+        return said.read()
+
+
+def test_a_secret_file_this_user_cannot_read_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A folder others may list (pytest's own tmp folders are private to root).
+    folder = Path(tempfile.mkdtemp(prefix="genderscore-secrets-"))
+    try:
+        folder.chmod(0o755)
+        secret = folder / "GENDERSCORE_REDIS_URL"
+        secret.write_text(URL)
+        secret.chmod(0)
+        monkeypatch.setenv("GENDERSCORE_SECRETS_DIR", str(folder))
+        monkeypatch.delenv("GENDERSCORE_REDIS_URL", raising=False)
+        said = _load_settings_as_nobody()
+    finally:
+        shutil.rmtree(folder)
+    assert re.fullmatch(
+        "invalid genderscore settings: cannot read GENDERSCORE_REDIS_URL of "
+        f"GENDERSCORE_SECRETS_DIR={folder}: Permission denied .*",
+        said,
+    ), said
+    assert "s3cret" not in said
+
+
+@pytest.mark.parametrize("kind", ["a link out of the folder", "a folder"])
+def test_a_secret_file_that_would_be_skipped_is_one_clear_error(secrets: Path, kind: str) -> None:
+    # pydantic-settings only warns and reads nothing: the default URL would be used.
+    path = secrets / "GENDERSCORE_REDIS_URL"
+    if kind == "a folder":
+        path.mkdir()
+    else:
+        outside = secrets.parent / "elsewhere"
+        outside.write_text(URL)
+        path.symlink_to(outside)
+    with pytest.raises(SettingsError, match=f"secret file .*{path}.*") as raised:
         load_settings()
+    assert "s3cret" not in str(raised.value)
