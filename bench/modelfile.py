@@ -80,8 +80,9 @@ def make_in_subprocess(
     path: Path, size: int, kernel: int, count: int, epochs: int, profile: str, env: dict[str, str]
 ) -> None:
     """``make`` in a child process (keeps TensorFlow out of the caller); a model already
-    there with its metadata is reused."""
-    if path.exists() and path.with_suffix(".json").exists():
+    there with its metadata and its twin is reused (a run that failed at the export left
+    the .h5 and its metadata: made again, or every later run would measure Keras alone)."""
+    if all(path.with_suffix(suffix).exists() for suffix in (".h5", ".json", ".onnx")):
         return
     cmd = [
         sys.executable,
