@@ -139,8 +139,7 @@ def _time_enqueue(store: S3Store, prefix: str, objects: int) -> float:
     from worker.results import connect
 
     model = CACHE / "listing-model" / "tiny.h5"
-    if not model.exists():
-        make_in_subprocess(model, 32, 3, 200, 1, "quick", bench_env())
+    make_in_subprocess(model, 32, 3, 200, 1, "quick", bench_env())  # reused when complete
     key_prefix = f"gsbench-list-{os.getpid()}"
     env = bench_env(
         store.env() | {"GENDERSCORE_KEY_PREFIX": key_prefix, "GENDERSCORE_MODEL": str(model)}

@@ -68,7 +68,7 @@ def test_a_secret_file_is_validated_like_the_variable(secrets: Path) -> None:
         load_settings()
 
 
-def test_a_missing_or_unreadable_secrets_folder_is_one_clear_error(
+def test_a_missing_secrets_folder_is_one_clear_error(
     secrets: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GENDERSCORE_SECRETS_DIR", str(secrets / "absent"))
